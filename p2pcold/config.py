@@ -1,0 +1,243 @@
+"""Typed configuration: dataset recipes, finetuning, fusion and run settings, loaded from YAML.
+
+Every field is a named dataclass field with a default; YAML keys that are not fields are
+rejected with a one-line error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from p2pcold.utils import P2PColdError
+
+# The repository's recipe folder. An editable install (the documented one) finds it here;
+# P2PCOLD_RECIPES overrides it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = Path(os.environ.get("P2PCOLD_RECIPES", REPO_ROOT / "peers"))
+
+
+@dataclass
+class RowFilter:
+    """Keep rows whose `column` contains any of `keywords` (case-insensitive substring match)."""
+
+    column: str = "text"
+    keywords: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSpec:
+    """One contributor's dataset: where it is, which columns hold text and labels, how to split it."""
+
+    name: str = ""
+    # A local file (csv, tsv, json, jsonl, parquet; .gz/.bz2/.xz/.zst too), a file inside an
+    # installed package written `pkg://package/relative/path`, or a hub id such as `glue`.
+    source: str = ""
+    hub_config: str | None = None  # e.g. `sst2` for source `glue`
+    encoding: str | None = None  # for text files that are not UTF-8 (e.g. latin-1)
+    text_column: str = "text"
+    text_pair_column: str | None = None  # second sentence for pair tasks (NLI, paraphrase)
+    label_column: str = "label"
+    # Label values in class-index order. For string labels, rows whose label is not listed are
+    # dropped only when `drop_unlisted_labels` is set; otherwise they are an error.
+    label_names: list[str] = field(default_factory=list)
+    drop_unlisted_labels: bool = False
+    filter: RowFilter | None = None
+    max_examples: int | None = None  # cap on train examples (after filtering, before split)
+    # Hub split names; missing dev/test splits are carved from train with `split_fractions`.
+    train_split: str = "train"
+    dev_split: str | None = "validation"
+    test_split: str | None = "test"
+    split_fractions: tuple[float, float] = (0.1, 0.1)  # dev, test fractions of the data
+    max_eval_examples: int | None = 1000  # cap on dev and test each, for speed
+    split_seed: int = 0
+
+
+@dataclass
+class Budget:
+    """How much local finetuning one iteration gets. The first limit reached ends it."""
+
+    steps: int | None = None  # optimizer steps
+    examples: int | None = None
+    epochs: float | None = None
+    seconds: float | None = None  # wall clock: fast peers keep training, but runs are not reproducible
+
+    def is_bounded(self) -> bool:
+        return any(v is not None for v in (self.steps, self.examples, self.epochs, self.seconds))
+
+
+@dataclass
+class FinetuneConfig:
+    """Local finetuning, App. B defaults: AdamW, lr 5e-5, linear decay, weight decay 0.01."""
+
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    batch_size: int = 16  # examples per forward pass
+    gradient_accumulation: int = 1  # effective batch = batch_size * gradient_accumulation
+    max_length: int = 128  # tokens; batches are padded dynamically to their longest row
+    budget: Budget = field(default_factory=lambda: Budget(epochs=1))
+    # Early stopping on dev accuracy (App. B): evaluate every `eval_every_examples` and stop when
+    # accuracy improved by less than `early_stopping_min_delta` since the previous evaluation.
+    eval_every_examples: int | None = None
+    early_stopping_min_delta: float = 0.001
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, CUDA only
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
+    # The task head is local and never fused. `keep`: a contributor's head carries over to its
+    # next iteration; `reinit`: a fresh head every iteration.
+    head: Literal["keep", "reinit"] = "keep"
+    dropout: float = 0.1
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+
+@dataclass
+class EvalConfig:
+    """The paper's evaluation (§3.4): CoLD finetunes the whole model, CoLD-Frozen the head only."""
+
+    datasets: list[str] = field(default_factory=list)  # target recipes
+    unseen: list[str] = field(default_factory=list)  # of `datasets`, those no contributor trains on
+    modes: list[Literal["cold", "frozen"]] = field(default_factory=lambda: ["cold", "frozen"])
+    few_shot: int | None = None  # train the evaluation on only this many examples
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    frozen_epochs: int = 20  # head-only training runs over cached features, so it is cheap
+    every: int = 1  # evaluate the base every N iterations (0: only at the end)
+
+
+@dataclass
+class RunConfig:
+    """One CoLD Fusion run (§2.3, §3.4): which contributors, how many iterations, how to fuse."""
+
+    model: str = "minilm"  # local folder, hub id, or `minilm` (the offline all-MiniLM-L6-v2)
+    num_hidden_layers: int | None = None  # keep only the first N pretrained layers (faster demos)
+    datasets: list[str] = field(default_factory=list)  # contributor recipes (names or YAML paths)
+    contributors_per_iteration: int | None = None  # k sampled per iteration; None: all of them
+    iterations: int = 3
+    seed: int = 0
+    fusion_weighting: Literal["uniform", "examples"] = "uniform"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/local"
+    run_id: str = "p2pcold"
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, checking as it goes."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise P2PColdError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise P2PColdError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise P2PColdError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(a, v, where) for a, v in zip(typing.get_args(tp), value))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise P2PColdError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise P2PColdError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise P2PColdError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise P2PColdError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise P2PColdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise P2PColdError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A dataset recipe by name (`peers/NAME.yaml`) or by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise P2PColdError(f"{name_or_path}: recipe file not found")
+        return candidate
+    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise P2PColdError(f"unknown dataset recipe {name_or_path!r} (known in {RECIPES_DIR}: {', '.join(known)})")
+    return path
+
+
+def load_dataset_spec(name_or_path: str) -> DatasetSpec:
+    path = resolve_recipe_path(name_or_path)
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    spec = from_dict(DatasetSpec, data, where=str(path))
+    if not spec.source:
+        raise P2PColdError(f"{path}: `source` is required")
+    return spec
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> RunConfig:
+    """A run config from YAML (None: all defaults), with dotted-key overrides applied on top."""
+    data = load_yaml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    config = from_dict(RunConfig, data, where=str(path or "run config"))
+    validate_run_config(config)
+    return config
+
+
+def validate_run_config(config: RunConfig) -> None:
+    if not config.datasets:
+        raise P2PColdError("run config: `datasets` lists no contributor recipe")
+    if len(set(config.datasets)) != len(config.datasets):
+        raise P2PColdError("run config: `datasets` lists a recipe twice")
+    k = config.contributors_per_iteration
+    if k is not None and not 1 <= k <= len(config.datasets):
+        raise P2PColdError(f"run config: contributors_per_iteration={k} must be between 1 and {len(config.datasets)}")
+    if config.iterations < 1:
+        raise P2PColdError("run config: iterations must be at least 1")
+    if not config.finetune.budget.is_bounded():
+        raise P2PColdError("run config: finetune.budget sets no limit (steps, examples, epochs or seconds)")
+    missing = sorted(set(config.eval.unseen) - set(config.eval.datasets))
+    if missing:
+        raise P2PColdError(f"run config: eval.unseen names {', '.join(missing)}, which eval.datasets does not list")
