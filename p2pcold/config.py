@@ -107,6 +107,7 @@ class EvalConfig:
     few_shot: int | None = None  # train the evaluation on only this many examples
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     frozen_epochs: int = 20  # head-only training runs over cached features, so it is cheap
+    frozen_learning_rate: float = 1e-3  # a lone linear head needs a larger step than 5e-5
     every: int = 1  # evaluate the base every N iterations (0: only at the end)
 
 

