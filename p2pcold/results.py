@@ -68,6 +68,7 @@ def plot_accuracy(results: Sequence[EvalResult], path: str | Path, title: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     has_seen_split = any(r.seen is not None for r in results)
     groups = [("seen", True), ("unseen", False)] if has_seen_split else [("all targets", None)]
@@ -83,6 +84,7 @@ def plot_accuracy(results: Sequence[EvalResult], path: str | Path, title: str = 
                 ax.axhline(accuracies[0], color=line.get_color(), linestyle="--", alpha=0.6, label=f"pretrained ({mode})")
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("mean test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -1,0 +1,77 @@
+"""Tokenized splits and their loaders, ready for finetuning and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from p2pcold.config import DatasetSpec
+from p2pcold.data.examples import load_examples
+from p2pcold.utils import P2PColdError
+
+# p2pcold draws its own progress; datasets' per-map bars would interleave with it.
+datasets.disable_progress_bars()
+
+
+@dataclass
+class PreparedDataset:
+    """One recipe's splits, tokenized but unpadded: columns input_ids, attention_mask,
+    token_type_ids (when the tokenizer makes them) and labels."""
+
+    name: str
+    label_names: list[str]
+    train: datasets.Dataset
+    dev: datasets.Dataset
+    test: datasets.Dataset
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def prepare_dataset(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreparedDataset:
+    examples = load_examples(spec)
+
+    def tokenize(batch):
+        pairs = batch["text_pair"] if "text_pair" in batch else None
+        encoded = tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    # In memory: cached on disk, a tokenized copy per tokenizer and max_length would pile up.
+    splits = {
+        name: split.map(tokenize, batched=True, remove_columns=split.column_names, keep_in_memory=True)
+        for name, split in examples.items()
+    }
+    return PreparedDataset(name=spec.name, label_names=list(spec.label_names), **splits)
+
+
+def make_loader(
+    split: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+) -> DataLoader:
+    """Batches padded to their own longest row. With shuffle, the order depends only on `seed`,
+    so every process that builds this loader sees the same batches; each pass over it draws a
+    new order from the same seeded generator."""
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        num_workers=0,
+    )
+
+
+def few_shot(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    """A seeded random sample of `n` examples (all of them when the split is smaller)."""
+    if n < 1:
+        raise P2PColdError(f"few-shot size must be at least 1, got {n}")
+    return split.shuffle(seed=seed, keep_in_memory=True).select(range(min(n, len(split))))

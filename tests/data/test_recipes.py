@@ -1,0 +1,44 @@
+"""Every recipe in peers/ parses into a DatasetSpec; the offline ones load with every label in every split."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from p2pcold.config import RECIPES_DIR, load_dataset_spec
+from p2pcold.data import load_examples
+from p2pcold.data.sources import PKG_PREFIX, is_local, package_file
+
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+OFFLINE = [name for name in RECIPES if load_dataset_spec(name).source.startswith(PKG_PREFIX)]
+
+
+def test_recipes_exist():
+    offline = {"rotten_tomatoes", "tweets_airlines", "tweets_deflategate", "tweets_apple", "tweets_self_driving"}
+    assert offline <= set(OFFLINE)
+    assert {"sst2", "mnli", "boolq", "tweet_eval_emoji", "trec_fine"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_is_valid(name):
+    spec = load_dataset_spec(name)
+    header = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert header.startswith(f"# p2pcold peer --dataset {name} ")
+    assert spec.name == name and spec.source and spec.text_column and spec.label_column
+    assert spec.label_names and all(spec.label_names) and len(set(spec.label_names)) == len(spec.label_names)
+    if spec.source.startswith(PKG_PREFIX):
+        assert package_file(spec.source).is_file()
+    else:
+        assert not is_local(spec.source), "a hub recipe's source must read as a hub id"
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_recipe_loads_with_every_label_in_every_split(name):
+    spec = load_dataset_spec(name)
+    splits = load_examples(spec)
+    for split_name, split in splits.items():
+        counts = collections.Counter(split["label"])
+        assert sorted(counts) == list(range(len(spec.label_names))), (split_name, counts)
+    assert len(splits["train"]) <= spec.max_examples
+    assert max(len(splits["dev"]), len(splits["test"])) <= spec.max_eval_examples
