@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from p2pcold.utils import P2PColdError, get_logger, setup_logging
+from p2pcold.utils import P2PColdError, atomic_write_bytes, get_logger, setup_logging
 
 log = get_logger("cli")
 
@@ -105,6 +109,122 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- swarm
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that `finally` blocks stop daemons and threads."""
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _swarm_run_config(args: argparse.Namespace):
+    from p2pcold.config import RunConfig, load_run_config
+
+    overrides = parse_overrides(args.set)
+    for flag, key in (("run_id", "run_id"), ("host", "swarm.host"), ("port", "swarm.port"), ("identity", "swarm.identity_path")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "announce", None):
+        overrides["swarm.announce_maddrs"] = args.announce
+    if args.config is None and "datasets" not in overrides:
+        overrides["datasets"] = [getattr(args, "dataset", None) or "-"]  # a peer's own run config needs no list
+    return load_run_config(args.config, overrides)
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from p2pcold.peer import Peer
+
+    config = _swarm_run_config(args)
+    run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
+    peer = Peer(config, args.dataset, args.initial_peers, run_dir, device=args.device, centralized=args.centralized, show_progress=args.progress)
+    _raise_on_sigterm()
+    try:
+        peer.setup()
+        peer.train()
+    except Terminated:
+        log.info("terminated; stopping")
+        return 143
+    finally:
+        peer.cleanup()
+    print(f"peer {peer.name}: finished at iteration {peer.iteration}; checkpoints in {run_dir}")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
+
+    config = _swarm_run_config(args)
+    _raise_on_sigterm()
+    dht = start_dht(config.swarm, args.initial_peers)
+    repository = None
+    try:
+        maddrs = visible_maddrs(dht, config.swarm.local_rpc_timeout)
+        print("bootstrap node up; peers join with:", flush=True)
+        for maddr in maddrs:
+            print(f"  --initial-peers {maddr}", flush=True)
+        if args.maddrs_file:
+            atomic_write_bytes(args.maddrs_file, ("\n".join(maddrs) + "\n").encode())
+        if args.repository:
+            from p2pcold.repository import Repository
+
+            repository = Repository(config, dht, args.run_dir or "runs/repository")
+            repository.setup()
+            repository.train()
+            print(f"Repository: run {config.run_id} complete at iteration {repository.iteration}", flush=True)
+        else:
+            while True:  # serve until SIGTERM or Ctrl-C
+                time.sleep(3600)
+    except (Terminated, KeyboardInterrupt):
+        log.info("stopping the bootstrap node")
+    finally:
+        if repository is not None:
+            repository.cleanup()
+        stop_dht(dht, grace_s=config.swarm.shutdown_timeout)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p2pcold.swarm import read_progress, start_dht, stop_dht
+
+    config = _swarm_run_config(args)
+    dht = start_dht(config.swarm, args.initial_peers, client_mode=True)
+    try:
+        records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+    finally:
+        stop_dht(dht, grace_s=config.swarm.shutdown_timeout)
+    rows = [dataclasses.asdict(r) for r in records]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"run {config.run_id}: no live peers")
+        return 0
+    now = time.time()
+    header = ["peer", "dataset", "iteration", "phase", "loss", "dev acc", "ex/s", "group", "last seen"]
+    table = [header] + [
+        [
+            r["peer_id"][-8:], r["dataset"], str(r["iteration"]), r["phase"], _num(r["train_loss"]), _num(r["dev_accuracy"]),
+            _num(r["examples_per_second"], 1), "-" if r["last_group_size"] is None else str(r["last_group_size"]), f"{now - r['last_seen']:.0f} s ago",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print(f"run {config.run_id}: {len(rows)} live peer(s)")
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
+    return 0
+
+
+def _num(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -142,6 +262,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--output", default="runs/evaluate", help="folder for results and plot")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    def swarm_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="run config YAML shared by the swarm (model, iterations, finetune, swarm)")
+        p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddrs of peers to join through")
+        p.add_argument("--run-id", help="which run to join (default: the config's run_id)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. swarm.compression=fp16")
+
+    peer = sub.add_parser(
+        "peer",
+        help="join a swarm as a contributor of one dataset",
+        description="Finetune the swarm's base on your dataset each iteration and all-reduce-average the encoder "
+        "with the other peers at the boundary (decentralized), or follow a Repository (--centralized).",
+    )
+    peer.add_argument("--dataset", required=True, help="dataset recipe: a name in peers/ or a YAML path")
+    swarm_options(peer)
+    peer.add_argument("--run-dir", help="this peer's checkpoints (default: runs/peer-DATASET); resumed on restart")
+    peer.add_argument("--centralized", action="store_true", help="follow a Repository (p2pcold bootstrap --repository)")
+    peer.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    peer.add_argument("--progress", action="store_true", help="show a finetuning progress bar")
+    peer.set_defaults(func=cmd_peer)
+
+    bootstrap = sub.add_parser(
+        "bootstrap",
+        help="run a long-lived DHT node that peers join through (optionally the Repository)",
+        description="Prints (and writes) the multiaddrs to pass as --initial-peers. Stops cleanly on SIGTERM.",
+    )
+    swarm_options(bootstrap)
+    bootstrap.add_argument("--host", help="listen address (0.0.0.0 for other machines; default 127.0.0.1)")
+    bootstrap.add_argument("--port", type=int, help="TCP port (default: a free one; fix it for a public node)")
+    bootstrap.add_argument("--announce", nargs="*", metavar="MADDR", help="addresses peers should dial, e.g. /ip4/203.0.113.7/tcp/31337")
+    bootstrap.add_argument("--identity", help="private key file for a stable peer id (created on first use)")
+    bootstrap.add_argument("--maddrs-file", help="also write the multiaddrs to this file")
+    bootstrap.add_argument("--repository", action="store_true", help="also act as the paper's Repository (centralized mode)")
+    bootstrap.add_argument("--run-dir", help="the Repository's checkpoints (default: runs/repository)")
+    bootstrap.set_defaults(func=cmd_bootstrap)
+
+    status = sub.add_parser("status", help="show the swarm's live peers and their progress")
+    swarm_options(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

@@ -50,7 +50,7 @@ class DatasetSpec:
     label_names: list[str] = field(default_factory=list)
     drop_unlisted_labels: bool = False
     filter: RowFilter | None = None
-    max_examples: int | None = None  # cap on train examples (after filtering, before split)
+    max_examples: int | None = None  # cap on train examples (after filtering and after dev/test are carved)
     # Hub split names; missing dev/test splits are carved from train with `split_fractions`.
     train_split: str = "train"
     dev_split: str | None = "validation"
@@ -92,7 +92,7 @@ class FinetuneConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
     # The task head is local and never fused. `keep`: a contributor's head carries over to its
     # next iteration; `reinit`: a fresh head every iteration.
-    head: Literal["keep", "reinit"] = "keep"
+    head: Literal["keep", "reinit"] = "reinit"
     dropout: float = 0.1
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
 
@@ -126,6 +126,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/local"
     run_id: str = "p2pcold"
+    swarm: SwarmConfig = field(default_factory=lambda: SwarmConfig())  # networked modes only
 
 
 # --------------------------------------------------------------------------- YAML loading
@@ -242,3 +243,89 @@ def validate_run_config(config: RunConfig) -> None:
     missing = sorted(set(config.eval.unseen) - set(config.eval.datasets))
     if missing:
         raise P2PColdError(f"run config: eval.unseen names {', '.join(missing)}, which eval.datasets does not list")
+
+
+# --------------------------------------------------------------------------- swarm (hivemind)
+# Settings of the peer-to-peer layer, `p2pcold.swarm`. Every network wait there is bounded by one
+# of the timeouts below (seconds); none waits forever. See docs/protocol-primitives.md.
+
+
+@dataclass
+class SwarmConfig:
+    """How a peer joins the swarm, forms averaging groups and bounds every network wait."""
+
+    # --- addresses and identity
+    host: str = "127.0.0.1"  # interface p2pd listens on; `0.0.0.0` (or `::`) for other machines
+    port: int = 0  # TCP port p2pd listens on; 0 picks a free one (a bootstrap peer wants a fixed one)
+    # Addresses other peers should dial, e.g. `/ip4/203.0.113.7/tcp/31337`; needed when `host` is
+    # 0.0.0.0 or behind NAT. Empty: p2pd announces what it listens on.
+    announce_maddrs: list[str] = field(default_factory=list)
+    # Private key file giving a stable peer id (created on first use). A bootstrap peer needs one so
+    # that its multiaddr, which contains the peer id, stays valid across restarts. None: a random id.
+    identity_path: str | None = None
+
+    # --- averaging
+    # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression) or `8bit`
+    # (Uniform8BitQuantization; pass reference=θ0 to BodyAverager with lossy modes, see
+    # docs/protocol-primitives.md). State downloads are always sent uncompressed.
+    compression: Literal["none", "fp16", "8bit"] = "none"
+    # A group assembles as soon as it has this many peers (None: no cap; it assembles when the leader's
+    # `matchmaking_time` runs out). Set it to the number of peers you expect at a boundary.
+    target_group_size: int | None = None
+    # Smaller groups are disbanded and matchmaking retried until the boundary deadline. Set it to the
+    # number of expected peers to wait for all of them (the caller then falls back when one is missing).
+    min_group_size: int = 2
+
+    # --- timeouts (seconds)
+    dht_startup_timeout: float = 60.0  # p2pd daemon start (hivemind's default 15 s is too short on a loaded box)
+    bootstrap_timeout: float = 20.0  # reaching the initial peers, on top of dht_startup_timeout
+    join_timeout: float = 15.0  # fetching/publishing the run identity in the DHT (whole join_run call)
+    identity_settle_time: float = 1.0  # first peer re-reads its identity after this long to catch a rival founder
+    identity_ttl: float = 7 * 24 * 3600.0  # DHT expiration of the identity record; each join_run refreshes it
+    matchmaking_time: float = 5.0  # a leader waits this long for followers before assembling (min_matchmaking_time)
+    request_timeout: float = 3.0  # one matchmaking request to a would-be leader; must be < matchmaking_time
+    allreduce_timeout: float = 60.0  # the all-reduce once a group is formed (whole exchange of tensors)
+    # A group member that sends no next chunk within this long is excluded (sender timeout; reducers get
+    # twice this). Also the per-chunk timeout of state downloads (hivemind's own logic there is inverted,
+    # so it is always set explicitly).
+    next_chunk_timeout: float = 10.0
+    boundary_deadline: float = 120.0  # how long a peer waits at an iteration boundary for a group
+    state_download_timeout: float = 60.0  # a whole state download (donor discovery + transfer)
+    state_declare_period: float = 30.0  # a state donor re-announces itself this often (its DHT record's lifetime)
+    progress_ttl: float = 60.0  # a peer's progress record expires after this long unless re-published
+    # --- centralized mode (the Repository, paper §2.3)
+    peer_wait_timeout: float = 60.0  # the Repository waits this long for every configured dataset's peer to connect
+    contributor_deadline: float = 3600.0  # the Repository waits this long for the sampled contributors to finish
+    assignment_timeout: float = 7200.0  # a peer waits this long for the Repository's next assignment or go
+    poll_interval: float = 0.5  # how often a waiting process re-reads a DHT record
+    dht_request_timeout: float = 10.0  # one DHT get/store (progress records, identity reads inside join_timeout)
+    local_rpc_timeout: float = 15.0  # a call into hivemind's own background processes (pipes, locks)
+    shutdown_timeout: float = 10.0  # graceful stop of the averager / DHT before they are killed
+
+
+def validate_swarm_config(config: SwarmConfig) -> None:
+    """Reject settings hivemind would deadlock or assert on, with one-line messages."""
+    if config.compression not in ("none", "fp16", "8bit"):
+        raise P2PColdError(f"swarm: compression={config.compression!r} is not one of none, fp16, 8bit")
+    if not 0 <= config.port <= 65535:
+        raise P2PColdError(f"swarm: port={config.port} is not a TCP port")
+    if config.min_group_size < 2:
+        raise P2PColdError("swarm: min_group_size must be at least 2")
+    if config.target_group_size is not None and config.target_group_size < config.min_group_size:
+        raise P2PColdError("swarm: target_group_size must be at least min_group_size")
+    timeouts = (
+        "dht_startup_timeout", "bootstrap_timeout", "join_timeout", "identity_ttl", "matchmaking_time",
+        "request_timeout", "allreduce_timeout", "next_chunk_timeout", "boundary_deadline",
+        "state_download_timeout", "state_declare_period", "progress_ttl", "dht_request_timeout",
+        "peer_wait_timeout", "contributor_deadline", "assignment_timeout", "poll_interval",
+        "local_rpc_timeout", "shutdown_timeout",
+    )  # fmt: skip
+    for name in timeouts:
+        if not getattr(config, name) > 0:
+            raise P2PColdError(f"swarm: {name} must be positive")
+    if config.identity_settle_time < 0:
+        raise P2PColdError("swarm: identity_settle_time must not be negative")
+    if config.request_timeout >= config.matchmaking_time:
+        raise P2PColdError("swarm: request_timeout must be below matchmaking_time (hivemind matchmaking can deadlock)")
+    if config.boundary_deadline <= config.matchmaking_time:
+        raise P2PColdError("swarm: boundary_deadline must exceed matchmaking_time")

@@ -30,28 +30,18 @@ from p2pcold.fusion import average, sample_contributors
 from p2pcold.model import (
     CheckpointMeta,
     body_state,
+    latest_checkpoint,
     load_body,
     load_body_state,
     load_heads,
     load_tokenizer,
     read_metadata,
-    save_checkpoint,
+    save_run_checkpoint,
 )
 from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
 from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("local_run")
-
-
-def checkpoint_dir(output_dir: Path, iteration: int) -> Path:
-    return output_dir / "checkpoints" / f"iter-{iteration:04d}"
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = output_dir / "latest.json"
-    if not pointer.is_file():
-        return None
-    return output_dir / json.loads(pointer.read_text())["checkpoint"]
 
 
 class LocalRun:
@@ -179,10 +169,8 @@ class LocalRun:
             extra={"history": self.history[-1] if self.history else {}},
         )
         heads = {name: c.head_state for name, c in self.contributors.items() if c.head_state is not None}
-        path = save_checkpoint(checkpoint_dir(self.output_dir, self.iteration), self.body, self.tokenizer, meta, heads)
         atomic_write_json(self.output_dir / "iterations.json", self.history)
-        atomic_write_json(self.output_dir / "latest.json", {"iteration": self.iteration, "checkpoint": str(path.relative_to(self.output_dir))})
-        return path
+        return save_run_checkpoint(self.output_dir, self.body, self.tokenizer, meta, heads)
 
     def summary(self) -> str:
         return summary_table(self.results) if self.results else "(no evaluation configured)"

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,40 @@ def save_checkpoint(
             save_file(flat, str(tmp / HEADS_FILE))
         atomic_write_json(tmp / METADATA_FILE, dataclasses.asdict(meta))
     return Path(path)
+
+
+# --------------------------------------------------------------------------- run folders
+# A run folder holds `checkpoints/iter-NNNN/` and `latest.json`, which names the newest complete
+# checkpoint and is rewritten only after that checkpoint is fully on disk.
+
+
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"iter-{iteration:04d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "latest.json"
+    if not pointer.is_file():
+        return None
+    return Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
+
+
+def save_run_checkpoint(
+    run_dir: str | Path,
+    body: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    meta: CheckpointMeta,
+    heads: dict[str, dict[str, torch.Tensor]] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save θ_i as `checkpoints/iter-NNNN`, then point `latest.json` at it; keep the newest `keep_last`."""
+    run_dir = Path(run_dir)
+    path = save_checkpoint(checkpoint_path(run_dir, meta.iteration), body, tokenizer, meta, heads)
+    atomic_write_json(run_dir / "latest.json", {"iteration": meta.iteration, "checkpoint": str(path.relative_to(run_dir))})
+    if keep_last:
+        for old in sorted((run_dir / "checkpoints").glob("iter-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def read_metadata(path: str | Path) -> CheckpointMeta:

@@ -1,0 +1,299 @@
+"""A swarm peer: `p2pcold peer --dataset X`. One contributor of a CoLD Fusion run, over hivemind.
+
+Decentralized (the default; no Repository):
+    join: start a DHT node, agree on the run's identity (base model, θ0 hash, fused schema), then
+          start from the newest of: its own checkpoint, the swarm's current base (state download), θ0.
+    each iteration i:
+        finetune θ_i on the local dataset (the same `Contributor` the reference run uses)
+        all-reduce-average the body with the peers at iteration i (the iteration is in the group key)
+        θ_{i+1} = the average; checkpoint; serve it to late joiners
+    no group by the deadline -> download a newer base if the swarm moved on, else keep its own
+    (a group of one); a peer behind the swarm catches up by download before it trains.
+
+Centralized (`--centralized`, the paper's §2.3 with a Repository; see repository.py):
+    each iteration i: wait for the Repository's assignment, download θ_i from it; if sampled,
+    finetune, report ready, wait for the Repository's go, then all-reduce with it (the Repository
+    contributes weight 0, so it receives exactly the contributors' average θ_{i+1}).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from p2pcold.config import RunConfig, load_dataset_spec
+from p2pcold.finetune import Contribution, Contributor, resolve_device
+from p2pcold.model import (
+    CheckpointMeta,
+    body_state,
+    latest_checkpoint,
+    load_body,
+    load_body_state,
+    load_heads,
+    load_tokenizer,
+    read_metadata,
+    save_run_checkpoint,
+)
+from p2pcold.swarm import (
+    BodyAverager,
+    PeerProgress,
+    RunIdentity,
+    join_run,
+    peer_id,
+    publish_progress,
+    read_progress,
+    start_dht,
+    stop_dht,
+)
+from p2pcold.swarm.records import get_records
+from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
+
+log = get_logger("peer")
+
+
+def assignment_key(run_id: str) -> str:
+    """Where the Repository publishes, per iteration, who contributes and who fuses."""
+    return f"p2pcold/{run_id}/assignment"
+
+
+class ProgressReporter:
+    """Keeps this peer's progress record alive in the DHT: re-published every third of its TTL,
+    and at once on every phase change, from a daemon thread."""
+
+    def __init__(self, dht, run_id: str, progress: PeerProgress, ttl: float, timeout: float):
+        self.dht, self.run_id, self.ttl, self.timeout = dht, run_id, ttl, timeout
+        self.progress = progress
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="p2pcold-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, **fields) -> None:
+        self.progress = replace(self.progress, **fields)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                publish_progress(self.dht, self.run_id, self.progress, self.ttl, self.timeout)
+            except Exception as e:  # a failed heartbeat must never kill the peer
+                log.debug("progress not published: %s", e)
+            self._wake.wait(self.ttl / 3)
+            self._wake.clear()
+
+    def close(self, timeout: float) -> None:
+        """Stop the thread, then publish the last state once (e.g. phase `done`)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        try:
+            publish_progress(self.dht, self.run_id, self.progress, self.ttl, self.timeout)
+        except Exception as e:
+            log.debug("final progress not published: %s", e)
+
+
+class Peer:
+    """setup() -> train() -> cleanup(). `base` is θ_i, the body this peer starts iteration i from."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        dataset: str,
+        initial_peers: list[str],
+        run_dir: str | Path,
+        device: str | None = None,
+        centralized: bool = False,
+        show_progress: bool = False,
+    ):
+        self.config = config
+        self.dataset = dataset
+        self.initial_peers = list(initial_peers)
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(device)
+        self.centralized = centralized
+        self.show_progress = show_progress
+        self.iteration = 0
+        self.dht = self.averager = self.reporter = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        config = self.config
+        if config.finetune.num_threads:
+            torch.set_num_threads(config.finetune.num_threads)
+        # Local work first: a bad recipe or model fails before anything touches the network.
+        self.tokenizer = load_tokenizer(config.model)
+        self.body = load_body(config.model, config.num_hidden_layers)
+        self.theta0 = body_state(self.body)
+        self.base_hash = state_dict_hash(self.theta0)
+        spec = load_dataset_spec(self.dataset)
+        self.contributor = Contributor(spec, self.tokenizer, config.finetune, config.seed)
+        self.name = spec.name
+
+        swarm = config.swarm
+        self.dht = start_dht(swarm, self.initial_peers)
+        self.peer_id = peer_id(self.dht)
+        self.reporter = ProgressReporter(
+            self.dht, config.run_id, PeerProgress(self.peer_id, self.name, 0, "joining"), swarm.progress_ttl, swarm.dht_request_timeout
+        )
+        join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, self.theta0), swarm)
+        self.averager = BodyAverager(self.dht, config.run_id, self.theta0, swarm, reference=self.theta0)
+        self._load_start_state()
+        log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
+
+    def _load_start_state(self) -> None:
+        self.iteration, self.base, source = 0, self.theta0, "θ0"
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            meta = read_metadata(checkpoint)
+            if meta.base_hash != self.base_hash or meta.run_id != self.config.run_id:
+                raise P2PColdError(f"{checkpoint}: checkpoint belongs to another run or base model; use another --run-dir")
+            self.iteration, self.base, source = meta.iteration, body_state(load_body(str(checkpoint))), str(checkpoint)
+            head = load_heads(checkpoint).get(self.name)
+            if head is not None:
+                self.contributor.head_state = head
+        if self.initial_peers and not self.centralized:
+            self._adopt_newer_state()
+        if source != "θ0":
+            log.info("resumed from %s at iteration %d", source, self.iteration)
+        if not self.centralized:  # with a Repository, only the Repository serves θ_i
+            self.averager.set_shared_state(self.iteration, self.base)
+
+    def _adopt_newer_state(self) -> bool:
+        """Download the swarm's newest base; adopt it when it is ahead of ours."""
+        self.reporter.update(phase="downloading")
+        downloaded = self.averager.download_state()
+        if downloaded is None or downloaded[0] <= self.iteration:
+            return False
+        log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
+        self.iteration, self.base = downloaded
+        self.averager.set_shared_state(self.iteration, self.base)
+        self.save_checkpoint()
+        return True
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> dict[str, torch.Tensor]:
+        while self.iteration < self.config.iterations:
+            if self.centralized:
+                self.run_centralized_iteration()
+            else:
+                self.run_iteration()
+        self.reporter.update(phase="done", iteration=self.iteration)
+        log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
+        return self.base
+
+    def _swarm_is_ahead(self) -> bool:
+        try:
+            return any(p.iteration > self.iteration for p in read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout))
+        except P2PColdError as e:
+            log.warning("%s", e)
+            return False
+
+    def _finetune(self) -> Contribution:
+        self.reporter.update(phase="finetuning", iteration=self.iteration)
+        contribution = self.contributor.contribute(self.body, self.base, self.iteration, self.device, self.show_progress)
+        r = contribution.result
+        self.reporter.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second)
+        log.info(
+            "iteration %d: finetuned %s, loss %.4f, dev acc %s, %d examples at %.1f ex/s",
+            self.iteration, self.name, r.train_loss, "-" if r.dev_accuracy is None else f"{r.dev_accuracy:.4f}", r.examples, r.examples_per_second,
+        )
+        return contribution
+
+    def _weight(self, contribution: Contribution) -> float:
+        return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
+
+    def _fuse(self, contribution: Contribution, deadline_s: float | None = None):
+        self.reporter.update(phase="averaging")
+        metadata = {"dataset": self.name, "examples": contribution.result.examples}
+        # share_result=False: this peer serves θ_{i+1} under its own iteration label, set by the caller.
+        return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False)
+
+    def run_iteration(self) -> None:
+        """One decentralized iteration: finetune, all-reduce at the boundary, checkpoint."""
+        if self._swarm_is_ahead() and self._adopt_newer_state():
+            return
+        contribution = self._finetune()
+        fused = self._fuse(contribution)
+        if fused.ok:
+            self.base = fused.averaged
+            log.info("iteration %d: fused with a group of %d (%s)", self.iteration, fused.group_size, ", ".join(sorted(m.metadata.get("dataset", "?") for m in fused.members.values())))
+            self.reporter.update(last_group_size=fused.group_size)
+        else:
+            log.warning("iteration %d: no fusion (%s)", self.iteration, fused.reason)
+            if self._adopt_newer_state():
+                return  # the swarm moved on: take its base rather than push a stale update
+            log.warning("iteration %d: no peer at this iteration; keeping our own update (a group of one)", self.iteration)
+            self.base = contribution.body
+            self.reporter.update(last_group_size=1)
+        self.iteration += 1
+        self.averager.set_shared_state(self.iteration, self.base)
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ centralized mode
+
+    def _wait_for_assignment(self, iteration: int, field: str) -> dict:
+        """Poll the Repository's record for `iteration` until it has `field`; bounded."""
+        swarm = self.config.swarm
+        deadline = time.monotonic() + swarm.assignment_timeout
+        while time.monotonic() < deadline:
+            record = get_records(self.dht, assignment_key(self.config.run_id), swarm.dht_request_timeout).get(str(iteration))
+            if isinstance(record, dict) and field in record:
+                return record
+            time.sleep(swarm.poll_interval)
+        raise P2PColdError(f"no word from the Repository about iteration {iteration} within {swarm.assignment_timeout:.0f} s")
+
+    def run_centralized_iteration(self) -> None:
+        i = self.iteration
+        self.reporter.update(phase="waiting", iteration=i)
+        assignment = self._wait_for_assignment(i, "contributors")
+        downloaded = self.averager.download_state()
+        if downloaded is None or downloaded[0] < i:
+            raise P2PColdError(f"could not download θ_{i} from the Repository")
+        if downloaded[0] > i:  # the Repository is ahead (we restarted): catch up
+            self.iteration, self.base = downloaded
+            self.save_checkpoint()
+            return
+        self.base = downloaded[1]
+        if self.name in assignment["contributors"]:
+            contribution = self._finetune()
+            self.reporter.update(phase="ready", iteration=i)
+            go = self._wait_for_assignment(i, "group")
+            if self.name in go["group"]:
+                fused = self._fuse(contribution, self.config.swarm.boundary_deadline)
+                if fused.ok:
+                    self.reporter.update(last_group_size=fused.group_size - 1)  # the Repository is not a contributor
+                else:
+                    log.warning("iteration %d: fusion with the Repository failed (%s)", i, fused.reason)
+        # θ_{i+1} comes from the Repository at the start of the next iteration, for every peer alike.
+        self.iteration = i + 1
+        if self.iteration == self.config.iterations:
+            self._wait_for_assignment(self.iteration, "contributors")  # the Repository has published θ_N
+            final = self.averager.download_state()
+            if final is None or final[0] != self.iteration:
+                raise P2PColdError(f"could not download the final θ_{self.iteration} from the Repository")
+            self.base = final[1]
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoint and cleanup
+
+    def save_checkpoint(self) -> Path:
+        load_body_state(self.body, self.base)
+        meta = CheckpointMeta(iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra={"dataset": self.name, "peer_id": self.peer_id})
+        heads = {self.name: self.contributor.head_state} if self.contributor.head_state is not None else None
+        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads, keep_last=2)
+
+    def cleanup(self) -> None:
+        """Bounded: stops the progress thread, the averager, the DHT node and its p2pd daemon."""
+        timeout = self.config.swarm.shutdown_timeout
+        if self.reporter is not None:
+            self.reporter.close(timeout)
+        if self.averager is not None:
+            self.averager.shutdown(stop_dht=False)
+        if self.dht is not None:
+            stop_dht(self.dht, grace_s=timeout)

@@ -1,0 +1,48 @@
+"""p2pcold's peer-to-peer layer: the only package that imports hivemind.
+
+Primitives (no model code; bodies are plain `dict[str, Tensor]`):
+- `start_dht` / `stop_dht` / `visible_maddrs`: a peer's DHT node and p2pd daemon (dht.py)
+- `RunIdentity`, `join_run`: agree on base model, θ0 and fused schema per run (identity.py)
+- `BodyAverager`: all-reduce of the body among peers at the same iteration, state sharing (averaging.py)
+- `PeerProgress`, `publish_progress`, `read_progress`: expiring per-peer status records (progress.py)
+
+Every network wait is bounded by a named `SwarmConfig` timeout; see docs/protocol-primitives.md.
+"""
+
+from p2pcold.swarm import _compat
+
+_compat.apply()
+
+from p2pcold.swarm.averaging import (  # noqa: E402
+    BodyAverager,
+    FusionResult,
+    FusionStatus,
+    GroupMember,
+    averaging_prefix,
+    iteration_group_bits,
+    make_compression,
+)
+from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visible_maddrs  # noqa: E402
+from p2pcold.swarm.identity import RunIdentity, body_schema_hash, join_run  # noqa: E402
+from p2pcold.swarm.progress import PeerProgress, publish_progress, read_progress  # noqa: E402
+
+__all__ = [
+    "BodyAverager",
+    "FusionResult",
+    "FusionStatus",
+    "GroupMember",
+    "PeerProgress",
+    "RunIdentity",
+    "averaging_prefix",
+    "body_schema_hash",
+    "is_client_mode",
+    "iteration_group_bits",
+    "join_run",
+    "make_compression",
+    "peer_id",
+    "publish_progress",
+    "read_progress",
+    "start_dht",
+    "stop_dht",
+    "visible_maddrs",
+]

@@ -1,0 +1,178 @@
+"""Starting and stopping a peer's DHT node (and with it, its p2pd daemon), with bounded waits.
+
+A `hivemind.DHT` is a background process that owns one `p2pd` daemon; the averager and every DHT
+read/write in p2pcold go through it. hivemind's own constructor waits for readiness without a
+bound, its default 15 s daemon start-up limit is too short on a loaded machine, and its shutdown can
+orphan the daemon; `start_dht` / `stop_dht` fix those three things.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from typing import Sequence
+
+import hivemind
+from hivemind.utils.multiaddr import Multiaddr
+
+from p2pcold.config import SwarmConfig, validate_swarm_config
+from p2pcold.swarm import _procs
+from p2pcold.utils import P2PColdError, get_logger
+
+logger = get_logger(__name__)
+
+# pids (with start times) of the p2pd daemons each DHT process started, keyed by the DHT's pid
+_DAEMONS: dict[int, set[tuple[int, int]]] = {}
+
+
+class _SwarmDHT(hivemind.DHT):
+    """hivemind.DHT whose process (and p2pd) exits within ~1 s when the peer's main process dies."""
+
+    def __init__(self, *args, **kwargs):
+        self._p2pcold_parent = os.getpid()
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        _procs.exit_when_orphaned(self._p2pcold_parent)
+        super().run()
+
+
+def listen_maddr(host: str, port: int) -> str:
+    """The multiaddr p2pd listens on for `host`:`port` (`0.0.0.0`, `::`, `127.0.0.1`, ...)."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        raise P2PColdError(f"swarm: host {host!r} is not an IP address (use e.g. 0.0.0.0 or 127.0.0.1)") from None
+    return f"/ip{version}/{host}/tcp/{port}"
+
+
+def _check_maddrs(maddrs: Sequence[str], what: str) -> list[str]:
+    checked = []
+    for maddr in maddrs:
+        try:
+            parsed = Multiaddr(str(maddr))
+        except Exception as e:  # multiaddr raises several types
+            raise P2PColdError(f"swarm: {what} entry {maddr!r} is not a multiaddr ({e})") from None
+        if what == "initial_peers" and "/p2p/" not in str(parsed):
+            raise P2PColdError(f"swarm: initial peer {maddr!r} lacks the /p2p/<peer id> part")
+        checked.append(str(maddr))
+    return checked
+
+
+def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False) -> hivemind.DHT:
+    """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
+
+    Waits at most `dht_startup_timeout + bootstrap_timeout` seconds. Raises P2PColdError when the
+    daemon does not start or none of the initial peers answers within that bound; nothing is left
+    running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
+    cannot lead groups or serve its state.
+    """
+    validate_swarm_config(config)
+    initial = _check_maddrs(list(initial_peers), "initial_peers")
+    announce = _check_maddrs(config.announce_maddrs, "announce_maddrs")
+    bound = config.dht_startup_timeout + config.bootstrap_timeout
+    started = time.monotonic()
+    dht = _SwarmDHT(
+        initial_peers=initial or None,
+        start=True,
+        await_ready=False,  # hivemind would wait without a bound
+        host_maddrs=[listen_maddr(config.host, config.port)],
+        announce_maddrs=announce or None,
+        identity_path=config.identity_path,
+        startup_timeout=config.dht_startup_timeout,
+        client_mode=client_mode,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+    daemons: set[tuple[int, int]] = set()
+    _DAEMONS[dht.pid] = daemons
+    error: BaseException | None = None
+    ready = False
+    while not ready and error is None and time.monotonic() - started <= bound:
+        daemons.update(_procs.children(dht.pid, "p2pd"))  # recorded before the DHT process could orphan it
+        try:
+            dht.wait_until_ready(timeout=0.2)
+            ready = True
+        except TimeoutError:
+            pass
+        except BaseException as e:  # the DHT process reports its start-up failure here
+            error = e
+    if ready:
+        try:
+            _call(dht, _get_peer_id, config.local_rpc_timeout)  # proves the node answers
+            dht.peer_id  # noqa: B018 (now cached; averager processes forked later inherit it)
+        except BaseException as e:
+            error, ready = e, False
+    if not ready:
+        stop_dht(dht, grace_s=1.0)
+        where = f"initial peers {', '.join(initial)}" if initial else "a new swarm"
+        if error is None:
+            raise P2PColdError(f"swarm: could not start a DHT node for {where} within {bound:.0f} s")
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if initial and "bootstrap" in reason.lower():
+            raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}): {reason}")
+        raise P2PColdError(f"swarm: could not start a DHT node for {where}: {reason}")
+    daemons.update(_procs.children(dht.pid, "p2pd"))
+    logger.info("DHT node %s up in %.1f s", dht.peer_id, time.monotonic() - started)
+    return dht
+
+
+def visible_maddrs(dht: hivemind.DHT, timeout: float = 15.0) -> list[str]:
+    """The multiaddrs other peers pass as `initial_peers` to join through this node."""
+    return [str(m) for m in _call(dht, _get_visible_maddrs, timeout)]
+
+
+def peer_id(dht: hivemind.DHT) -> str:
+    """This node's peer id as a base58 string (cached by start_dht)."""
+    return str(dht.peer_id)
+
+
+def stop_dht(dht: hivemind.DHT, grace_s: float | None = None) -> None:
+    """Stop the DHT process and its p2pd daemon; bounded by `grace_s` (default: its shutdown_timeout) + ~2 s."""
+    grace = dht.shutdown_timeout if grace_s is None else grace_s
+    pid = dht.pid
+    daemons = _DAEMONS.pop(pid, set()) if pid is not None else set()
+    if pid is not None:
+        daemons.update(_procs.children(pid, "p2pd"))
+    if dht.is_alive():
+        dht.shutdown_timeout = grace
+        try:
+            dht.shutdown()  # graceful: asks the node to stop its daemon; joins `grace`, then SIGTERM
+        except (OSError, ValueError) as e:  # pipe already closed
+            logger.debug("DHT shutdown: %s", e)
+        dht.join(1.0)
+        if dht.is_alive():
+            dht.kill()
+            dht.join(1.0)
+    for daemon_pid, starttime in daemons:
+        _procs.kill(daemon_pid, starttime, grace_s=1.0)
+
+
+# --- coroutines run inside the DHT process (module-level so that they pickle by reference)
+
+
+async def _get_visible_maddrs(_dht, node):
+    return await node.get_visible_maddrs()
+
+
+async def _get_peer_id(_dht, node):
+    return node.peer_id
+
+
+def _call(dht: hivemind.DHT, coroutine, timeout: float):
+    """Run `coroutine(dht, node)` in the DHT process and wait at most `timeout` seconds."""
+    future = dht.run_coroutine(coroutine, return_future=True)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise P2PColdError(f"swarm: the DHT node did not answer within {timeout:.0f} s") from None
+
+
+async def _get_client_mode(_dht, node):
+    return node.protocol.client_mode
+
+
+def is_client_mode(dht: hivemind.DHT, timeout: float = 15.0) -> bool:
+    """Whether this DHT node was started in client mode (dials out only)."""
+    return bool(_call(dht, _get_client_mode, timeout))

@@ -1,0 +1,176 @@
+"""A run's identity in the DHT: which base model and which θ0 every peer of a run must start from.
+
+The DHT key `p2pcold/<run_id>/identity` holds one subkey per peer that joined (its peer id), each
+with a copy of the identity. The *canonical* identity is the entry with the smallest
+(`created_at`, `founder`) pair: every reader picks the same one from the same set of entries, so two
+peers that found the key empty and published at the same moment agree on who founded the run, and
+the loser (if its identity differs) is refused like any later peer. Every successful join re-publishes
+the canonical identity under the joiner's own subkey with a fresh expiration, so the record lives as
+long as peers keep joining (or calling `join_run` again), even after the founder has left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.utils.timed_storage import get_dht_time
+
+from p2pcold.config import SwarmConfig, validate_swarm_config
+from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
+
+logger = get_logger(__name__)
+
+PROTOCOL_VERSION = 1  # bump when the wire semantics of p2pcold.swarm change
+
+
+def body_schema_hash(body: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the fused parameters' names, dtypes and shapes in name order (no values)."""
+    h = hashlib.sha256()
+    for name in sorted(body):
+        tensor = body[name]
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every peer of a run must agree on. `founder` and `created_at` are filled in by join_run."""
+
+    run_id: str
+    base_model: str  # the base model's id (hub id, path or name), as the run config spells it
+    body_hash: str  # utils.state_dict_hash of θ0, the initial fused body
+    schema_hash: str  # body_schema_hash: names, shapes and dtypes of the fused parameters
+    protocol: int = PROTOCOL_VERSION
+    founder: str = ""  # peer id of the peer that published the run first
+    created_at: float = 0.0  # DHT time of that first publication
+
+    @classmethod
+    def for_body(cls, run_id: str, base_model: str, body: Mapping[str, torch.Tensor]) -> "RunIdentity":
+        return cls(run_id=run_id, base_model=base_model, body_hash=state_dict_hash(body), schema_hash=body_schema_hash(body))
+
+    def differences(self, other: "RunIdentity") -> list[str]:
+        """Human-readable differences between the swarm's identity (`self`) and a joiner's (`other`)."""
+        out = []
+        checks = (
+            ("protocol", "p2pcold protocol version", False),
+            ("base_model", "base model", False),
+            ("body_hash", "base model hash (θ0)", True),
+            ("schema_hash", "fused parameter schema (names/shapes/dtypes)", True),
+        )
+        for attr, label, is_hash in checks:
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine != theirs:
+                show = (lambda v: f"{str(v)[:12]}…") if is_hash else repr
+                out.append(f"{label} differs: swarm has {show(mine)}, you have {show(theirs)}")
+        return out
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Any) -> "RunIdentity | None":
+        if not isinstance(record, dict):
+            return None
+        try:
+            identity = cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError):
+            return None
+        types_ok = (
+            isinstance(identity.run_id, str)
+            and isinstance(identity.base_model, str)
+            and isinstance(identity.body_hash, str)
+            and isinstance(identity.schema_hash, str)
+            and isinstance(identity.protocol, int)
+            and isinstance(identity.founder, str)
+            and isinstance(identity.created_at, (int, float))
+        )
+        return identity if types_ok else None
+
+    def _order(self) -> tuple[float, str]:
+        return (float(self.created_at), self.founder)
+
+
+def identity_key(run_id: str) -> str:
+    return f"p2pcold/{run_id}/identity"
+
+
+def join_run(dht: hivemind.DHT, run_id: str, identity: RunIdentity, config: SwarmConfig) -> RunIdentity:
+    """Join run `run_id` with `identity`, or found it if the DHT has no identity for it yet.
+
+    Returns the swarm's canonical identity (equal to `identity` in every compared field). Raises
+    P2PColdError naming each field that differs (e.g. "base model hash (θ0) differs: swarm has
+    1a2b…, you have 3c4d…"), or when the DHT does not answer within `config.join_timeout` seconds.
+    Calling it again (e.g. every iteration) refreshes this peer's copy of the record.
+    """
+    validate_swarm_config(config)
+    if not run_id:
+        raise P2PColdError("swarm: run_id is empty")
+    if identity.run_id != run_id:
+        raise P2PColdError(f"swarm: identity is for run {identity.run_id!r}, not {run_id!r}")
+    deadline = time.monotonic() + config.join_timeout
+    key, me = identity_key(run_id), str(dht.peer_id)
+
+    entries = _read_entries(dht, key, deadline, config)
+    published_own: float | None = None
+    if not entries:
+        candidate = dataclasses.replace(identity, founder=me, created_at=get_dht_time())
+        published_own = get_dht_time() + config.identity_ttl
+        _store(dht, key, me, candidate.to_record(), published_own, deadline, config)
+        logger.info("run %r: no identity in the DHT, publishing ours as founder", run_id)
+        # a rival founder that read the key empty at the same time shows up here
+        time.sleep(min(config.identity_settle_time, max(0.0, deadline - time.monotonic())))
+        entries = _read_entries(dht, key, deadline, config)
+        entries.setdefault(me, candidate)
+
+    canonical = min(entries.values(), key=RunIdentity._order)
+    differences = canonical.differences(identity)
+    if differences:
+        if published_own is not None:  # we raced a founder and lost: withdraw our entry
+            _store(dht, key, me, None, float(np.nextafter(published_own, np.inf)), deadline, config, must=False)
+        raise P2PColdError(f"cannot join run {run_id!r} (founded by {canonical.founder}): " + "; ".join(differences))
+    _store(dht, key, me, canonical.to_record(), get_dht_time() + config.identity_ttl, deadline, config)
+    return canonical
+
+
+def _read_entries(dht: hivemind.DHT, key: str, deadline: float, config: SwarmConfig) -> dict[str, RunIdentity]:
+    timeout = min(config.dht_request_timeout, deadline - time.monotonic())
+    if timeout <= 0:
+        raise P2PColdError(f"swarm: could not read the run identity within join_timeout={config.join_timeout:.0f} s")
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        found = future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise P2PColdError(
+            f"swarm: the DHT did not return the run identity within {timeout:.1f} s (join_timeout={config.join_timeout:.0f} s)"
+        ) from None
+    entries: dict[str, RunIdentity] = {}
+    if found is not None and isinstance(found.value, dict):
+        for subkey, item in found.value.items():
+            parsed = RunIdentity.from_record(getattr(item, "value", None))
+            if parsed is not None:
+                entries[str(subkey)] = parsed
+            elif getattr(item, "value", None) is not None:
+                logger.warning("ignoring a malformed identity record under %s from %s", key, subkey)
+    return entries
+
+
+def _store(dht, key, subkey, value, expiration, deadline, config, must: bool = True) -> None:
+    timeout = min(config.dht_request_timeout, deadline - time.monotonic())
+    if timeout <= 0 and not must:
+        return
+    future = dht.store(key, value, expiration_time=expiration, subkey=subkey, return_future=True)
+    try:
+        stored = future.result(timeout=max(timeout, 0.0))
+    except TimeoutError:
+        future.cancel()
+        stored = False
+    if not stored and must:
+        raise P2PColdError(f"swarm: could not publish the run identity in the DHT within join_timeout={config.join_timeout:.0f} s")

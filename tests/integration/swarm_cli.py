@@ -1,0 +1,113 @@
+"""Run real `p2pcold` processes (bootstrap, peers, status) on 127.0.0.1 for integration tests.
+
+Each process starts in its own session, so its hivemind helpers and p2pd daemon share its process
+group; `SwarmProcesses.reap()` kills every group it started, even after a peer was SIGKILLed and
+its children were orphaned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from toy_data import write_toy_datasets
+
+FAST_SWARM = {  # loopback timings: small enough for tests, with the same structure as the defaults
+    "matchmaking_time": 3.0,
+    "request_timeout": 1.0,
+    "boundary_deadline": 45.0,
+    "allreduce_timeout": 20.0,
+    "next_chunk_timeout": 3.0,
+    "state_download_timeout": 20.0,
+    "peer_wait_timeout": 60.0,
+    "contributor_deadline": 90.0,
+    "assignment_timeout": 120.0,
+    "poll_interval": 0.3,
+    "progress_ttl": 20.0,
+    "shutdown_timeout": 3.0,
+}
+
+
+def write_run_config(folder: Path, model: str, datasets: list[str], **fields) -> Path:
+    swarm = {**FAST_SWARM, **fields.pop("swarm", {})}
+    config = {
+        "model": model,
+        "datasets": datasets,
+        "iterations": 3,
+        "seed": 1,
+        "run_id": "itest",
+        "finetune": {"batch_size": 8, "max_length": 16, "budget": {"steps": 3}, "learning_rate": 1e-3, "num_threads": 1},
+        "output_dir": str(folder / "reference"),
+        "swarm": swarm,
+        **fields,
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class SwarmProcesses:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.folder / f"{name}.log"
+        self.logs[name] = log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "p2pcold.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def bootstrap(self, config: Path, *extra: str, timeout: float = 60) -> str:
+        maddrs = self.folder / "maddrs.txt"
+        self.start("bootstrap", "bootstrap", "--config", str(config), "--maddrs-file", str(maddrs), *extra)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if maddrs.is_file() and maddrs.read_text().strip():
+                return maddrs.read_text().split()[0]
+            time.sleep(0.2)
+        raise TimeoutError(f"bootstrap did not print its address within {timeout} s:\n{self.log('bootstrap')}")
+
+    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str) -> subprocess.Popen:
+        return self.start(name, "peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(self.folder / name), *extra)
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text() if name in self.logs else ""
+
+    def wait(self, proc: subprocess.Popen, name: str, timeout: float) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not finish within {timeout} s:\n{self.log(name)[-3000:]}") from None
+
+    def reap(self) -> None:
+        for proc in self.procs:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            # orphaned children (hivemind processes, p2pd) keep the group alive after the leader exits
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def toy_recipes(folder: Path, count: int) -> list[str]:
+    return write_toy_datasets(folder / "data", count)

@@ -1,0 +1,61 @@
+"""A swarm peer in its own process (and process group), driven by the tests over stdin/stdout.
+
+Usage: python peer_worker.py '<json options>'. Options: initial_peers (list), run_id, config (dict of
+SwarmConfig fields), template (name -> shape), stall_marker (path: on entering an all-reduce, write
+this file and freeze the averager, so that the test can SIGKILL the peer mid-all-reduce).
+Commands, one JSON object per stdin line: {"cmd": "fuse", "iteration", "weight", "deadline", "fill"
+(every body value)} / {"cmd": "exit"}. Replies are one JSON line each, prefixed "@@ ".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def reply(obj) -> None:
+    sys.stdout.write("@@ " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    options = json.loads(sys.argv[1])
+    import torch
+
+    from p2pcold.config import SwarmConfig
+    from p2pcold.swarm import BodyAverager, start_dht, visible_maddrs
+    from p2pcold.swarm import averaging as swarm_averaging
+
+    if options.get("stall_marker"):
+        marker = options["stall_marker"]
+        original = swarm_averaging._SwarmAverager._run_allreduce_inplace_
+
+        async def stalling(self, tensors, group_info, group_id=None, **kwargs):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(600)  # freezes this peer's averager event loop; the test kills the process group
+            return await original(self, tensors, group_info, group_id=group_id, **kwargs)
+
+        swarm_averaging._SwarmAverager._run_allreduce_inplace_ = stalling
+
+    config = SwarmConfig(**options.get("config", {}))
+    dht = start_dht(config, options.get("initial_peers", []))
+    template = {name: torch.zeros(shape) for name, shape in options["template"].items()}
+    averager = BodyAverager(dht, options["run_id"], template, config)
+    reply({"ready": True, "peer_id": averager.peer_id, "maddrs": visible_maddrs(dht)})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "exit":
+            break
+        if command["cmd"] == "fuse":
+            body = {name: torch.full_like(tensor, command["fill"]) for name, tensor in template.items()}
+            result = averager.fuse(body, command["iteration"], command["weight"], command["deadline"])
+            reply({"status": result.status.value, "group_size": result.group_size, "reason": result.reason})
+    averager.shutdown()
+    reply({"bye": True})
+
+
+if __name__ == "__main__":
+    main()

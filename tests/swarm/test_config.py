@@ -1,0 +1,35 @@
+"""SwarmConfig: defaults are valid, YAML-style dicts load, bad settings are refused with one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pcold.config import SwarmConfig, from_dict, validate_swarm_config
+from p2pcold.utils import P2PColdError
+
+
+def test_defaults_are_valid_and_dicts_load():
+    validate_swarm_config(SwarmConfig())
+    config = from_dict(SwarmConfig, {"compression": "fp16", "announce_maddrs": ["/ip4/203.0.113.7/tcp/31337"]})
+    assert config.compression == "fp16" and config.announce_maddrs == ["/ip4/203.0.113.7/tcp/31337"]
+    assert SwarmConfig().dht_startup_timeout > 15  # hivemind's default is too short on a loaded machine
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"request_timeout": 5.0, "matchmaking_time": 5.0}, "request_timeout must be below matchmaking_time"),
+        ({"min_group_size": 1}, "min_group_size"),
+        ({"target_group_size": 2, "min_group_size": 3}, "target_group_size"),
+        ({"allreduce_timeout": 0}, "allreduce_timeout must be positive"),
+        ({"boundary_deadline": 4.0}, "boundary_deadline must exceed matchmaking_time"),
+    ],
+)
+def test_bad_settings_are_refused(fields, message):
+    with pytest.raises(P2PColdError, match=message):
+        validate_swarm_config(SwarmConfig(**fields))
+
+
+def test_unknown_compression_is_refused():
+    with pytest.raises(P2PColdError, match="is not one of"):
+        from_dict(SwarmConfig, {"compression": "4bit"})

@@ -1,0 +1,81 @@
+"""join_run: founders publish, joiners compare, mismatches are refused with a clear message."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+from p2pcold.swarm import RunIdentity, join_run, peer_id
+from p2pcold.utils import P2PColdError
+
+from helpers import fast_config, make_body
+
+pytestmark = [pytest.mark.network]
+
+
+@pytest.mark.timeout(90)
+def test_join_accepts_the_same_identity_and_refuses_another_one(swarm):
+    config = fast_config()
+    founder, joiner, stranger = swarm.start(3, config)
+    theta0 = make_body(0)
+    identity = RunIdentity.for_body("id-run", "minilm", theta0)
+
+    canonical = join_run(founder, "id-run", identity, config)
+    assert canonical.founder == peer_id(founder) and canonical.created_at > 0
+    assert join_run(joiner, "id-run", identity, config) == canonical
+    assert join_run(founder, "id-run", identity, config) == canonical  # re-joining refreshes, changes nothing
+
+    other_theta0 = RunIdentity.for_body("id-run", "minilm", make_body(1))
+    started = time.monotonic()
+    with pytest.raises(P2PColdError) as refused:
+        join_run(stranger, "id-run", other_theta0, config)
+    assert time.monotonic() - started < config.join_timeout
+    message = str(refused.value)
+    assert re.search(r"base model hash \(θ0\) differs: swarm has [0-9a-f]{12}…, you have [0-9a-f]{12}…", message)
+    assert identity.body_hash[:12] in message and other_theta0.body_hash[:12] in message
+    assert "base model differs" not in message and "schema" not in message
+
+    other_model = RunIdentity.for_body("id-run", "bert-base", {**theta0, "extra.bias": torch.zeros(2)})
+    with pytest.raises(P2PColdError) as refused:
+        join_run(stranger, "id-run", other_model, config)
+    message = str(refused.value)
+    assert "base model differs: swarm has 'minilm', you have 'bert-base'" in message
+    assert "fused parameter schema (names/shapes/dtypes) differs" in message
+
+
+@pytest.mark.timeout(90)
+def test_two_simultaneous_founders_agree_on_one(swarm):
+    config = fast_config()
+    a, b, late = swarm.start(3, config)
+    identities = {
+        "a": RunIdentity.for_body("race", "minilm", make_body(10)),
+        "b": RunIdentity.for_body("race", "minilm", make_body(11)),
+    }
+    outcomes: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def found(name, dht):
+        barrier.wait(timeout=10)
+        try:
+            outcomes[name] = join_run(dht, "race", identities[name], config)
+        except P2PColdError as e:
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=found, args=(n, d)) for n, d in (("a", a), ("b", b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    winners = [n for n, o in outcomes.items() if isinstance(o, RunIdentity)]
+    losers = [n for n, o in outcomes.items() if isinstance(o, P2PColdError)]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    canonical = outcomes[winners[0]]
+    assert "base model hash (θ0) differs" in str(outcomes[losers[0]])
+    # every later peer sees the same founder: the winner's identity joins, the loser's is refused
+    assert join_run(late, "race", identities[winners[0]], config) == canonical
+    with pytest.raises(P2PColdError, match="differs"):
+        join_run(late, "race", identities[losers[0]], config)
