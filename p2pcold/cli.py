@@ -225,6 +225,15 @@ def _num(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from p2pcold.simulate import simulate
+
+    overrides = parse_overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    return simulate(args, overrides)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -302,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     swarm_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="simulate a whole swarm on this machine (the default: the offline CPU demo)",
+        description="Start a bootstrap, N real peer processes on 127.0.0.1 and an evaluator process; evaluate every "
+        "fused base (CoLD and CoLD-Frozen) and plot accuracy per iteration. Ctrl-C stops every process; "
+        "--resume continues. Without CONFIG: peers/runs/demo.yaml (MiniLM, offline data, CPU).",
+    )
+    simulate.add_argument("config", nargs="?", help="run config YAML (default: the offline demo)")
+    simulate.add_argument("--peers", type=int, help="number of peer processes (default: one per dataset)")
+    simulate.add_argument("--gpus", help="comma-separated GPU indices; peers are placed round-robin (default: CPU)")
+    simulate.add_argument("--device", choices=["cpu"], help="run everything on the CPU (the default without --gpus)")
+    simulate.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast for finetuning (CUDA)")
+    simulate.add_argument("--centralized", action="store_true", help="run through a Repository (paper §2.3)")
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
+    simulate.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
+    simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    simulate.set_defaults(func=cmd_simulate)
     return parser
 
 

@@ -58,6 +58,10 @@ class DatasetSpec:
     split_fractions: tuple[float, float] = (0.1, 0.1)  # dev, test fractions of the data
     max_eval_examples: int | None = 1000  # cap on dev and test each, for speed
     split_seed: int = 0
+    # One of `num_shards` disjoint slices of train (dev and test stay whole), for federated runs
+    # (§5.1). Usually set by referring to a recipe as `NAME@INDEX/COUNT`, e.g. `rotten_tomatoes@0/4`.
+    shard_index: int | None = None
+    num_shards: int | None = None
 
 
 @dataclass
@@ -112,6 +116,16 @@ class EvalConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """`p2pcold simulate`: a whole swarm of real peer processes on one machine."""
+
+    peers: int | None = None  # peer processes, one dataset each (None: one per dataset)
+    centralized: bool = False  # run through a Repository (the paper's §2.3) instead of all-reduce among peers
+    keep_best: bool = True  # keep a copy of the best evaluated base besides the last
+    refresh_seconds: float = 2.0  # progress display period
+
+
+@dataclass
 class RunConfig:
     """One CoLD Fusion run (§2.3, §3.4): which contributors, how many iterations, how to fuse."""
 
@@ -127,6 +141,7 @@ class RunConfig:
     output_dir: str = "runs/local"
     run_id: str = "p2pcold"
     swarm: SwarmConfig = field(default_factory=lambda: SwarmConfig())  # networked modes only
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
 
 # --------------------------------------------------------------------------- YAML loading
@@ -204,13 +219,21 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return path
 
 
-def load_dataset_spec(name_or_path: str) -> DatasetSpec:
+def load_dataset_spec(reference: str) -> DatasetSpec:
+    """A recipe by name or path; `NAME@INDEX/COUNT` selects one shard of its train split."""
+    name_or_path, _, shard = reference.partition("@")
     path = resolve_recipe_path(name_or_path)
     data = load_yaml(path)
     data.setdefault("name", path.stem)
     spec = from_dict(DatasetSpec, data, where=str(path))
     if not spec.source:
         raise P2PColdError(f"{path}: `source` is required")
+    if shard:
+        index, _, count = shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise P2PColdError(f"{reference}: a shard is written NAME@INDEX/COUNT with INDEX < COUNT, e.g. {name_or_path}@0/4")
+        spec.shard_index, spec.num_shards = int(index), int(count)
+        spec.name = f"{spec.name}@{index}of{count}"
     return spec
 
 

@@ -25,6 +25,8 @@ def load_examples(spec: DatasetSpec) -> datasets.DatasetDict:
     dev = _clean_if_labelled(raw, spec.dev_split, spec)
     test = _clean_if_labelled(raw, spec.test_split, spec)
     train, dev, test = _carve(train, dev, test, spec)
+    if spec.num_shards:  # federated contributors (§5.1): disjoint slices of train, shared dev/test
+        train = train.shard(spec.num_shards, spec.shard_index, contiguous=False, keep_in_memory=True)
     splits = datasets.DatasetDict(
         train=_cap(train, spec.max_examples, spec.split_seed),
         dev=_cap(dev, spec.max_eval_examples, spec.split_seed),

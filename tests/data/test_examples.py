@@ -148,3 +148,26 @@ def test_too_few_rows_to_carve(tmp_path):
     path = write_rows(tmp_path / "tiny.csv", toy_rows(2))
     with pytest.raises(P2PColdError, match=r"tiny\.csv\): only 2 usable rows"):
         load_examples(toy_spec(path))
+
+
+def test_shards_split_train_disjointly_and_share_dev_and_test(tmp_path):
+    from collections import Counter
+
+    from p2pcold.config import load_dataset_spec
+    from toy_data import write_toy_dataset
+
+    recipe = str(write_toy_dataset(tmp_path, "toy_movies", "movies", rows=200))
+    shards = [load_examples(load_dataset_spec(f"{recipe}@{i}/3")) for i in range(3)]
+    whole = load_examples(load_dataset_spec(recipe))
+    assert load_dataset_spec(f"{recipe}@1/3").name == "toy_movies@1of3"
+    together = Counter(text for s in shards for text in s["train"]["text"])
+    assert together == Counter(whole["train"]["text"])  # the shards partition train
+    assert all(0 < len(s["train"]) < len(whole["train"]) for s in shards)
+    assert all(s["test"]["text"] == whole["test"]["text"] for s in shards)
+
+
+def test_bad_shard_reference_is_one_line():
+    from p2pcold.config import load_dataset_spec
+
+    with pytest.raises(P2PColdError, match="NAME@INDEX/COUNT"):
+        load_dataset_spec("rotten_tomatoes@3/3")

@@ -1,0 +1,370 @@
+"""`p2pcold simulate`: a whole CoLD Fusion swarm on one machine, as real processes on 127.0.0.1.
+
+    bootstrap (DHT entry point; the Repository with --centralized)
+    N × `p2pcold peer` (one dataset each; GPUs round-robin, or CPU threads split between them)
+    1 × evaluator (evaluates each new fused base: CoLD and CoLD-Frozen, writes results and plots)
+
+Run folder:
+    config.yaml                  the resolved config; `--resume RUN_DIR` reads it back
+    logs/NAME.log                one log per process
+    peers/NAME/checkpoints/      each peer's last checkpoints (θ_i as Hugging Face folders)
+    repository/checkpoints/      the Repository's θ_i (centralized mode)
+    checkpoints/last, best       copies of the last and the best evaluated fused base
+    results.csv / results.json   per iteration, per target dataset, per mode
+    accuracy.png                 CoLD and Frozen per iteration vs the pretrained model (Fig. 2, Fig. 4)
+    gain_per_dataset.png         per-dataset gain over the pretrained model (Fig. 10)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import torch
+import yaml
+
+from p2pcold.config import RunConfig, load_dataset_spec, load_run_config, to_dict
+from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_bytes, atomic_write_json, get_logger, read_json
+
+log = get_logger("simulate")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "peers" / "runs" / "demo.yaml"
+EVALUATOR = "evaluator"
+STOP_GRACE_S = 15.0  # a process gets this long to exit after SIGTERM before its group is killed
+STATUS_EVERY_S = 30.0  # the status line is repeated at least this often
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def place_peers(count: int, gpus: list[int] | None) -> list[str]:
+    """The device of each peer: GPUs round-robin (several peers may share one), else the CPU."""
+    if not gpus:
+        return ["cpu"] * count
+    return [f"cuda:{gpus[i % len(gpus)]}" for i in range(count)]
+
+
+def cpu_threads(processes: int, cores: int | None = None) -> int:
+    """Torch threads per process so that the processes together use each core once."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, processes))
+
+
+@dataclass
+class PeerPlan:
+    name: str
+    dataset: str
+    device: str
+    threads: int
+
+
+def plan_peers(config: RunConfig, peers: int | None, gpus: list[int] | None) -> list[PeerPlan]:
+    count = peers or config.simulate.peers or len(config.datasets)
+    if count > len(config.datasets):
+        raise P2PColdError(f"simulate: {count} peers but {len(config.datasets)} datasets; each peer contributes one dataset")
+    devices = place_peers(count, gpus)
+    threads = cpu_threads(count + 1)  # + the evaluator
+    plans = []
+    for i, (dataset, device) in enumerate(zip(config.datasets, devices)):
+        plans.append(PeerPlan(f"peer{i:02d}-{load_dataset_spec(dataset).name}", dataset, device, threads))
+    return plans
+
+
+# --------------------------------------------------------------------------- evaluator process
+
+
+def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> None:
+    """Evaluate θ0, then each new fused base that appears in `source`, until the last iteration.
+
+    Runs in its own process. Skips bases already in results.json (resume); when it falls behind
+    it evaluates the newest base (the peers keep only their last checkpoints) and says so.
+    """
+    from p2pcold.evaluate import Evaluator
+    from p2pcold.finetune import resolve_device
+    from p2pcold.model import body_state, latest_checkpoint, load_body, load_tokenizer, read_metadata
+    from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, write_results
+
+    torch.set_num_threads(threads)
+    config = load_run_config(run_dir / "config.yaml")
+    if not config.eval.datasets:
+        return
+    results = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else []
+    seen = {load_dataset_spec(d).name for d in config.datasets}
+    tokenizer = load_tokenizer(config.model)
+    body = load_body(config.model, config.num_hidden_layers)
+    evaluator = Evaluator(config.eval, tokenizer, body, config.seed, resolve_device(device), seen)
+
+    def status(phase: str, iteration: int) -> None:
+        atomic_write_json(run_dir / "evaluator.json", {"phase": phase, "iteration": iteration, "time": time.time()})
+
+    def record(base, label: str, iteration: int) -> None:
+        nonlocal results
+        status("evaluating", iteration)
+        results = [r for r in results if r.iteration != iteration] + evaluator.evaluate(base, label, iteration)
+        write_results(results, run_dir)
+        plot_accuracy(results, run_dir / "accuracy.png")
+        if iteration > 0:
+            plot_gain_per_dataset(results, run_dir / "gain_per_dataset.png")
+            if config.simulate.keep_best and best_iteration(results) == iteration:
+                copy_checkpoint(last_copy, run_dir / "checkpoints" / "best")
+
+    last_copy = run_dir / "checkpoints" / "last"
+    done = {r.iteration for r in results}
+    if 0 not in done:
+        record(body_state(load_body(config.model, config.num_hidden_layers)), "pretrained", 0)
+    last = max(done | {0})
+    every = config.eval.every or config.iterations
+    while last < config.iterations:
+        status("waiting", last)
+        checkpoint = latest_checkpoint(source)
+        iteration = read_metadata(checkpoint).iteration if checkpoint else 0
+        if iteration > last and (iteration % every == 0 or iteration == config.iterations):
+            try:  # copy first: the peer prunes its old checkpoints while we evaluate
+                copy_checkpoint(checkpoint, last_copy)
+            except OSError:
+                time.sleep(1.0)  # pruned or replaced while we copied it: take the newer one
+                continue
+            if iteration > last + 1 and every == 1:
+                log.warning("evaluator fell behind: evaluating iteration %d, skipping %d..%d", iteration, last + 1, iteration - 1)
+            record(body_state(load_body(str(last_copy))), "fused", iteration)
+            last = iteration
+        else:
+            time.sleep(1.0)
+    status("done", last)
+
+
+def best_iteration(results) -> int:
+    by_iteration: dict[int, list[float]] = {}
+    for r in results:
+        if r.mode == results[0].mode:
+            by_iteration.setdefault(r.iteration, []).append(r.accuracy)
+    return max(by_iteration, key=lambda i: (mean(by_iteration[i]), i))
+
+
+def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
+    with atomic_directory(destination) as tmp:
+        for item in checkpoint.iterdir():
+            shutil.copy2(item, tmp / item.name)
+
+
+# --------------------------------------------------------------------------- the simulation
+
+
+class Simulation:
+    """setup() -> run() -> stop(): a bootstrap, N peers and an evaluator, each in its own session."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, plans: list[PeerPlan], eval_device: str):
+        self.config = config
+        self.run_dir = run_dir
+        self.plans = plans
+        self.eval_device = eval_device
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started = time.monotonic()
+        self.dht = None
+
+    @property
+    def centralized(self) -> bool:
+        return self.config.simulate.centralized
+
+    @property
+    def fused_source(self) -> Path:
+        """Where the fused bases appear: the Repository's folder, or the first peer's."""
+        return self.run_dir / ("repository" if self.centralized else f"peers/{self.plans[0].name}")
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        with open(log_path, "a") as out:
+            # A session of its own: Ctrl-C reaches only the simulator, which stops each group in order,
+            # and killing the group also kills the process's hivemind helpers and p2pd daemon.
+            proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def setup(self) -> None:
+        config_path = str(self.run_dir / "config.yaml")
+        maddrs = self.run_dir / "bootstrap.maddrs"
+        maddrs.unlink(missing_ok=True)
+        bootstrap = ["-m", "p2pcold.cli", "bootstrap", "--config", config_path, "--maddrs-file", str(maddrs)]
+        if self.centralized:
+            bootstrap += ["--repository", "--run-dir", str(self.run_dir / "repository")]
+        self._start("bootstrap", bootstrap)
+        deadline = time.monotonic() + self.config.swarm.dht_startup_timeout
+        while not (maddrs.is_file() and maddrs.read_text().strip()):
+            if self.procs["bootstrap"].poll() is not None or time.monotonic() > deadline:
+                raise P2PColdError(f"simulate: the bootstrap node did not start; see {self.run_dir / 'logs' / 'bootstrap.log'}")
+            time.sleep(0.2)
+        self.maddr = maddrs.read_text().split()[0]
+        self._start(EVALUATOR, ["-m", "p2pcold.simulate", "evaluate-loop", str(self.run_dir), str(self.fused_source), "--device", self.eval_device, "--threads", str(self.plans[0].threads)])
+        for plan in self.plans:
+            args = ["-m", "p2pcold.cli", "peer", "--config", config_path, "--dataset", plan.dataset, "--initial-peers", self.maddr]
+            args += ["--run-dir", str(self.run_dir / "peers" / plan.name), "--device", plan.device, "--set", f"finetune.num_threads={plan.threads}"]
+            if self.centralized:
+                args.append("--centralized")
+            self._start(plan.name, args)
+        log.info("started a bootstrap, %d peers and the evaluator; logs in %s", len(self.plans), self.run_dir / "logs")
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _progress(self) -> dict[str, tuple[int, str]]:
+        """dataset -> (iteration, phase) from the swarm's progress records."""
+        from p2pcold.swarm import read_progress, start_dht
+
+        try:
+            if self.dht is None:
+                self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True)
+            return {p.dataset: (p.iteration, p.phase) for p in read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)}
+        except P2PColdError as e:
+            log.debug("progress not available: %s", e)
+            return {}
+
+    def status_line(self, progress: dict[str, tuple[int, str]]) -> str:
+        total = self.config.iterations
+        alive = sum(1 for plan in self.plans if self.procs[plan.name].poll() is None)
+        iterations = [it for it, _ in progress.values()]
+        current = min(iterations) if iterations else 0
+        evaluator = read_json(self.run_dir / "evaluator.json") if (self.run_dir / "evaluator.json").is_file() else {}
+        elapsed = time.monotonic() - self.started
+        done_fraction = (current + (0.5 if iterations else 0)) / (total + 1)
+        eta = f"{elapsed / done_fraction - elapsed:.0f}s" if iterations and current > 0 else "?"
+        phases = " ".join(f"{name}:{phase}@{it}" for name, (it, phase) in sorted(progress.items()))
+        evaluating = f"{evaluator.get('phase', 'starting')}@{evaluator.get('iteration', 0)}"
+        return f"iter {current}/{total} | peers alive {alive}/{len(self.plans)} | {phases} | eval {evaluating} | ETA {eta}"
+
+    def run(self) -> None:
+        last_state, last_print = "", 0.0
+        while True:
+            failed = [name for name, proc in self.procs.items() if proc.poll() not in (None, 0)]
+            if failed:
+                name = failed[0]
+                tail = (self.run_dir / "logs" / f"{name}.log").read_text().strip().splitlines()[-1:]
+                raise P2PColdError(f"simulate: {name} exited with code {self.procs[name].returncode}: {' '.join(tail)}")
+            peers_done = all(self.procs[p.name].poll() == 0 for p in self.plans)
+            if peers_done and self.procs[EVALUATOR].poll() == 0:
+                break
+            line = self.status_line(self._progress())
+            state = line.rsplit(" | ETA", 1)[0]
+            # A line per change of state, and at least every STATUS_EVERY_S (the ETA alone changes constantly).
+            if state != last_state or time.monotonic() - last_print > STATUS_EVERY_S:
+                print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+                last_state, last_print = state, time.monotonic()
+            time.sleep(self.config.simulate.refresh_seconds)
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after STOP_GRACE_S."""
+        from p2pcold.swarm import stop_dht
+
+        if self.dht is not None:
+            stop_dht(self.dht, grace_s=self.config.swarm.shutdown_timeout)
+            self.dht = None
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # orphaned helpers keep the group alive after its leader
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("process %d did not exit after SIGKILL", proc.pid)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def prepare_run(config_path: str | None, resume: str | None, overrides: dict) -> tuple[RunConfig, Path]:
+    """Resolve the config and the run folder; a new run writes config.yaml, a resumed one reads it."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise P2PColdError(f"{run_dir}: not a simulation run folder (no config.yaml)")
+        return load_run_config(run_dir / "config.yaml"), run_dir
+    config = load_run_config(config_path or DEFAULT_CONFIG, overrides)
+    run_dir = Path(config.output_dir)
+    if (run_dir / "config.yaml").is_file():
+        raise P2PColdError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or set output_dir")
+    return config, run_dir
+
+
+def simulate(args: argparse.Namespace, overrides: dict) -> int:
+    from p2pcold.results import read_results, summary_table
+
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+    if gpus and not torch.cuda.is_available():
+        raise P2PColdError("--gpus given, but CUDA is not available; use --device cpu")
+    if args.precision:
+        overrides.update({"finetune.precision": args.precision, "eval.finetune.precision": args.precision})
+    if args.centralized:
+        overrides["simulate.centralized"] = True
+    if args.peers:
+        overrides["simulate.peers"] = args.peers
+    config, run_dir = prepare_run(args.config, args.resume, overrides)
+    plans = plan_peers(config, config.simulate.peers, gpus)
+    if not args.resume:
+        if config.swarm.target_group_size is None and not config.simulate.centralized:
+            config.swarm.target_group_size = len(plans)  # assemble at once when every peer is there
+        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=True).encode())
+    eval_device = f"cuda:{gpus[-1]}" if gpus else "cpu"
+    print(f"simulating {len(plans)} peers for {config.iterations} iterations in {run_dir} ({'centralized' if config.simulate.centralized else 'decentralized'})")
+    for plan in plans:
+        print(f"  {plan.name}: {plan.dataset} on {plan.device}, {plan.threads} thread(s)")
+    simulation = Simulation(config, run_dir, plans, eval_device)
+    try:
+        simulation.setup()
+        simulation.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping every process; continue with: p2pcold simulate --resume {run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        simulation.stop()
+    results = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else []
+    if results:
+        last = max(r.iteration for r in results)
+        print(summary_table([r for r in results if r.iteration in (0, last)]))
+        print(f"plots: {run_dir / 'accuracy.png'}, {run_dir / 'gain_per_dataset.png'}; results: {run_dir / 'results.csv'}")
+    print(f"run folder: {run_dir} (per-process logs in {run_dir / 'logs'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m p2pcold.simulate evaluate-loop RUN_DIR SOURCE`: the simulator's evaluator process."""
+    from p2pcold.utils import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m p2pcold.simulate")
+    sub = parser.add_subparsers(dest="role", required=True)
+    loop = sub.add_parser("evaluate-loop")
+    loop.add_argument("run_dir", type=Path)
+    loop.add_argument("source", type=Path)
+    loop.add_argument("--device", default="cpu")
+    loop.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        evaluation_loop(args.run_dir, args.source, args.device, args.threads)
+    except P2PColdError as e:
+        print(f"p2pcold: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
