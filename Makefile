@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/p2pcold local peers/runs/demo.yaml
+	$(VENV)/bin/p2pcold simulate
 
 test: setup
 	$(PY) -m pytest -q
