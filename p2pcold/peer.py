@@ -5,10 +5,12 @@ Decentralized (the default; no Repository):
           start from the newest of: its own checkpoint, the swarm's current base (state download), θ0.
     each iteration i:
         finetune θ_i on the local dataset (the same `Contributor` the reference run uses)
+        wait (bounded) until every live peer at iteration i has finished finetuning too
         all-reduce-average the body with the peers at iteration i (the iteration is in the group key)
         θ_{i+1} = the average; checkpoint; serve it to late joiners
     no group by the deadline -> download a newer base if the swarm moved on, else keep its own
-    (a group of one); a peer behind the swarm catches up by download before it trains.
+    (a group of one); a peer behind the swarm catches up by download before it trains, and stops
+    waiting at a boundary as soon as it sees that the others have left it.
 
 Centralized (`--centralized`, the paper's §2.3 with a Repository; see repository.py):
     each iteration i: wait for the Repository's assignment, download θ_i from it; if sampled,
@@ -40,6 +42,7 @@ from p2pcold.model import (
 )
 from p2pcold.swarm import (
     BodyAverager,
+    FusionStatus,
     PeerProgress,
     RunIdentity,
     join_run,
@@ -137,29 +140,29 @@ class Peer:
         swarm = config.swarm
         self.dht = start_dht(swarm, self.initial_peers)
         self.peer_id = peer_id(self.dht)
+        join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, self.theta0), swarm)
+        # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
         self.reporter = ProgressReporter(
             self.dht, config.run_id, PeerProgress(self.peer_id, self.name, 0, "joining"), swarm.progress_ttl, swarm.dht_request_timeout
         )
-        join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, self.theta0), swarm)
         self.averager = BodyAverager(self.dht, config.run_id, self.theta0, swarm, reference=self.theta0)
         self._load_start_state()
         log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
 
     def _load_start_state(self) -> None:
-        self.iteration, self.base, source = 0, self.theta0, "θ0"
+        self.iteration, self.base = 0, self.theta0
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             meta = read_metadata(checkpoint)
             if meta.base_hash != self.base_hash or meta.run_id != self.config.run_id:
                 raise P2PColdError(f"{checkpoint}: checkpoint belongs to another run or base model; use another --run-dir")
-            self.iteration, self.base, source = meta.iteration, body_state(load_body(str(checkpoint))), str(checkpoint)
+            self.iteration, self.base = meta.iteration, body_state(load_body(str(checkpoint)))
             head = load_heads(checkpoint).get(self.name)
             if head is not None:
                 self.contributor.head_state = head
+            log.info("resumed from %s at iteration %d", checkpoint, self.iteration)
         if self.initial_peers and not self.centralized:
             self._adopt_newer_state()
-        if source != "θ0":
-            log.info("resumed from %s at iteration %d", source, self.iteration)
         if not self.centralized:  # with a Repository, only the Repository serves θ_i
             self.averager.set_shared_state(self.iteration, self.base)
 
@@ -171,6 +174,7 @@ class Peer:
             return False
         log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
         self.iteration, self.base = downloaded
+        self.reporter.update(iteration=self.iteration)
         self.averager.set_shared_state(self.iteration, self.base)
         self.save_checkpoint()
         return True
@@ -187,12 +191,38 @@ class Peer:
         log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
         return self.base
 
-    def _swarm_is_ahead(self) -> bool:
+    def _other_peers(self) -> list[PeerProgress]:
+        """The live progress records of the other peers, newest per dataset (a restarted peer's previous
+        record lives on until it expires), this peer's dataset excluded. Empty when the DHT is silent."""
         try:
-            return any(p.iteration > self.iteration for p in read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout))
+            records = read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)
         except P2PColdError as e:
             log.warning("%s", e)
-            return False
+            return []
+        newest: dict[str, PeerProgress] = {}
+        for record in records:
+            if record.dataset != self.name and (record.dataset not in newest or record.last_seen > newest[record.dataset].last_seen):
+                newest[record.dataset] = record
+        return list(newest.values())
+
+    def _swarm_is_ahead(self) -> bool:
+        return any(p.iteration > self.iteration for p in self._other_peers())
+
+    def _wait_at_boundary(self, deadline: float) -> bool:
+        """Wait until no live peer at this iteration is still finetuning (or joining), so that the group
+        forms with everyone instead of whoever arrived first; bounded by `deadline` (monotonic).
+        Returns True when the swarm is already past this iteration (this peer is the straggler)."""
+        poll = self.config.swarm.poll_interval
+        while True:
+            others = self._other_peers()
+            if any(p.iteration > self.iteration for p in others):
+                return True
+            pending = sorted(p.dataset for p in others if p.iteration == self.iteration and p.phase in ("joining", "downloading", "finetuning"))
+            if not pending or time.monotonic() + poll > deadline:
+                if pending:
+                    log.warning("iteration %d: not waiting any longer for %s", self.iteration, ", ".join(pending))
+                return False
+            time.sleep(poll)
 
     def _finetune(self) -> Contribution:
         self.reporter.update(phase="finetuning", iteration=self.iteration)
@@ -208,18 +238,34 @@ class Peer:
     def _weight(self, contribution: Contribution) -> float:
         return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
 
-    def _fuse(self, contribution: Contribution, deadline_s: float | None = None):
+    def _fuse(self, contribution: Contribution, deadline_s: float | None = None, abort=None):
         self.reporter.update(phase="averaging")
         metadata = {"dataset": self.name, "examples": contribution.result.examples}
         # share_result=False: this peer serves θ_{i+1} under its own iteration label, set by the caller.
-        return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False)
+        return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
 
     def run_iteration(self) -> None:
-        """One decentralized iteration: finetune, all-reduce at the boundary, checkpoint."""
+        """One decentralized iteration: finetune, all-reduce at the boundary, checkpoint.
+
+        The whole boundary (waiting for the others, then the all-reduce's matchmaking) is bounded by
+        `boundary_deadline`; the wait for peers still finetuning takes at most half of it, so that two
+        peers that arrive up to half a deadline apart still meet in matchmaking."""
         if self._swarm_is_ahead() and self._adopt_newer_state():
             return
         contribution = self._finetune()
-        fused = self._fuse(contribution)
+        swarm, i = self.config.swarm, self.iteration
+        self.reporter.update(phase="averaging")
+        end = time.monotonic() + swarm.boundary_deadline
+        if self._wait_at_boundary(end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)) and self._adopt_newer_state():
+            log.warning("iteration %d: the swarm had already left this boundary; took its newer base", i)
+            return
+        fused = self._fuse(contribution, max(end - time.monotonic(), swarm.matchmaking_time + 1), abort=self._swarm_is_ahead)
+        if fused.status is FusionStatus.ABORTED:
+            log.warning("iteration %d: the swarm moved on while we looked for a group", i)
+            if self._adopt_newer_state():
+                return
+            if end - time.monotonic() > swarm.matchmaking_time + 1:  # nothing newer to download after all: try again
+                fused = self._fuse(contribution, end - time.monotonic())
         if fused.ok:
             self.base = fused.averaged
             log.info("iteration %d: fused with a group of %d (%s)", self.iteration, fused.group_size, ", ".join(sorted(m.metadata.get("dataset", "?") for m in fused.members.values())))

@@ -168,6 +168,7 @@ class Simulation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.started = time.monotonic()
         self.dht = None
+        self.progress: dict[str, tuple[int, str]] = {}  # last known (iteration, phase) per dataset
 
     @property
     def centralized(self) -> bool:
@@ -214,17 +215,19 @@ class Simulation:
 
     # ------------------------------------------------------------------ monitoring
 
-    def _progress(self) -> dict[str, tuple[int, str]]:
-        """dataset -> (iteration, phase) from the swarm's progress records."""
+    def _refresh_progress(self) -> dict[str, tuple[int, str]]:
+        """dataset -> (iteration, phase), from the swarm's progress records; a peer whose record
+        expired (it finished or died) keeps its last known state."""
         from p2pcold.swarm import read_progress, start_dht
 
         try:
             if self.dht is None:
                 self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True)
-            return {p.dataset: (p.iteration, p.phase) for p in read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)}
+            records = read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)
+            self.progress.update({p.dataset: (p.iteration, p.phase) for p in records})
         except P2PColdError as e:
             log.debug("progress not available: %s", e)
-            return {}
+        return self.progress
 
     def status_line(self, progress: dict[str, tuple[int, str]]) -> str:
         total = self.config.iterations
@@ -250,7 +253,7 @@ class Simulation:
             peers_done = all(self.procs[p.name].poll() == 0 for p in self.plans)
             if peers_done and self.procs[EVALUATOR].poll() == 0:
                 break
-            line = self.status_line(self._progress())
+            line = self.status_line(self._refresh_progress())
             state = line.rsplit(" | ETA", 1)[0]
             # A line per change of state, and at least every STATUS_EVERY_S (the ETA alone changes constantly).
             if state != last_state or time.monotonic() - last_print > STATUS_EVERY_S:

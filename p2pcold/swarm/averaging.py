@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import hivemind
 import torch
@@ -50,6 +50,7 @@ from p2pcold.utils import P2PColdError, get_logger
 logger = get_logger(__name__)
 
 ITERATION_BITS = 32  # group bits per key: iterations 0 .. 2**32-1
+_ABORTED = "stopped looking for a group: the caller's abort check fired"
 _GATHER_VERSION = 1
 
 
@@ -85,6 +86,7 @@ class FusionStatus(str, enum.Enum):
     OK = "ok"  # averaged with a group; `averaged` holds the weighted mean
     NO_GROUP = "no_group"  # no other peer at this iteration before the deadline
     FAILED = "failed"  # a group formed, but no all-reduce attempt completed cleanly before the deadline
+    ABORTED = "aborted"  # the caller's `abort` check said to stop looking (e.g. the swarm moved on)
 
 
 @dataclass
@@ -254,6 +256,7 @@ class BodyAverager:
         metadata: Mapping[str, Any] | None = None,
         *,
         share_result: bool = True,
+        abort: Callable[[], bool] | None = None,
     ) -> FusionResult:
         """Average `body` with the peers at the same `iteration`; blocks at most about
         `deadline_s + allreduce_timeout + local_rpc_timeout` seconds.
@@ -264,6 +267,11 @@ class BodyAverager:
         dataset name, example count...) is gathered from every member into `FusionResult.members`.
         On OK the result is also served to late joiners (`set_shared_state`) unless `share_result`
         is False. `body` itself is never modified.
+
+        `abort` (optional) is called about every `config.poll_interval` s while this peer is still
+        looking for a group (never once an all-reduce began); when it returns True the search is
+        cancelled and the result is ABORTED. A peer uses it to stop waiting at a boundary that the
+        rest of the swarm has already left.
         """
         deadline_s = self.config.boundary_deadline if deadline_s is None else float(deadline_s)
         if deadline_s <= self.config.matchmaking_time:
@@ -286,7 +294,7 @@ class BodyAverager:
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:
             attempts += 1
-            outcome = self._attempt(body, iteration, bits, float(weight), gather, end)
+            outcome = self._attempt(body, iteration, bits, float(weight), gather, end, abort)
             if isinstance(outcome, FusionResult):
                 outcome.attempts, outcome.elapsed_s = attempts, time.monotonic() - started
                 if share_result and outcome.averaged is not None:
@@ -294,6 +302,9 @@ class BodyAverager:
                 return outcome
             began_allreduce, message = outcome
             reason = message
+            if message is _ABORTED:
+                status = FusionStatus.ABORTED
+                break
             if not began_allreduce and "could not find a group" in message:
                 break  # the step already waited for a group until the (retry) deadline
             if began_allreduce:
@@ -314,7 +325,7 @@ class BodyAverager:
             reason=reason,
         )
 
-    def _attempt(self, body, iteration, bits, weight, gather, end) -> FusionResult | tuple[bool, str]:
+    def _attempt(self, body, iteration, bits, weight, gather, end, abort=None) -> FusionResult | tuple[bool, str]:
         """One matchmaking + all-reduce round: a FusionResult on success, else (began_allreduce, reason)."""
         if not self._averager.is_alive():
             raise P2PColdError("swarm: the averager process is not running (shut down or crashed)")
@@ -329,11 +340,24 @@ class BodyAverager:
             return False, "could not find a group before the deadline"
         control = self._averager.step(gather=gather, weight=weight, timeout=remaining, allow_retries=False, wait=False)
         bound = remaining + self.config.allreduce_timeout + self.config.local_rpc_timeout
+        give_up = time.monotonic() + bound
         try:
-            gathered = control.result(timeout=bound)
-        except TimeoutError:
-            control.cancel()
-            return control.began_allreduce, f"the averaging step did not finish within {bound:.0f} s"
+            while True:
+                wait_s = max(0.0, give_up - time.monotonic())
+                if abort is not None:
+                    wait_s = min(wait_s, self.config.poll_interval)
+                try:
+                    gathered = control.result(timeout=wait_s)
+                    break
+                except TimeoutError:
+                    if control.done():
+                        raise  # the step itself failed with a TimeoutError
+                    if time.monotonic() >= give_up:
+                        control.cancel()
+                        return control.began_allreduce, f"the averaging step did not finish within {bound:.0f} s"
+                    if abort is not None and not control.began_allreduce and abort() and not control.began_allreduce:
+                        control.cancel()
+                        return False, _ABORTED
         except BaseException as e:  # hivemind raises AllreduceException / MatchmakingException / TimeoutError
             return control.began_allreduce, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 

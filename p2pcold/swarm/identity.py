@@ -56,7 +56,11 @@ class RunIdentity:
         return cls(run_id=run_id, base_model=base_model, body_hash=state_dict_hash(body), schema_hash=body_schema_hash(body))
 
     def differences(self, other: "RunIdentity") -> list[str]:
-        """Human-readable differences between the swarm's identity (`self`) and a joiner's (`other`)."""
+        """Human-readable differences between the swarm's identity (`self`) and a joiner's (`other`).
+
+        The base model's *name* is not a reason to refuse on its own: peers on different machines
+        spell a local model folder differently (`/home/a/model`, `./model`). θ0's hash and the
+        schema decide; the names are shown next to them when those differ."""
         out = []
         checks = (
             ("protocol", "p2pcold protocol version", False),
@@ -64,6 +68,8 @@ class RunIdentity:
             ("body_hash", "base model hash (θ0)", True),
             ("schema_hash", "fused parameter schema (names/shapes/dtypes)", True),
         )
+        if self.body_hash == other.body_hash and self.schema_hash == other.schema_hash:
+            checks = tuple(check for check in checks if check[0] != "base_model")
         for attr, label, is_hash in checks:
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:

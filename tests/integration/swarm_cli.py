@@ -8,6 +8,7 @@ its children were orphaned.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,13 +59,18 @@ class SwarmProcesses:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, stdout_file: Path | None = None) -> subprocess.Popen:
+        """Start `p2pcold ARGS` logging to NAME.log (stdout too, unless `stdout_file` is given)."""
         log = self.folder / f"{name}.log"
         self.logs[name] = log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        with open(log, "w") as out:
+        with open(log, "w") as err, open(stdout_file or os.devnull, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pcold.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [sys.executable, "-m", "p2pcold.cli", *args],
+                stdout=out if stdout_file else err,
+                stderr=subprocess.STDOUT if stdout_file is None else err,
+                env=env,
+                start_new_session=True,
             )
         self.procs.append(proc)
         return proc
@@ -79,11 +85,25 @@ class SwarmProcesses:
             time.sleep(0.2)
         raise TimeoutError(f"bootstrap did not print its address within {timeout} s:\n{self.log('bootstrap')}")
 
-    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str) -> subprocess.Popen:
-        return self.start(name, "peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(self.folder / name), *extra)
+    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str, run_dir: Path | None = None) -> subprocess.Popen:
+        run_dir = run_dir or self.folder / name
+        return self.start(name, "peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(run_dir), *extra)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text() if name in self.logs else ""
+
+    def wait_for_log(self, name: str, pattern: str, timeout: float, proc: subprocess.Popen | None = None) -> re.Match:
+        """Poll NAME.log until `pattern` (a regex, multiline) matches; fail early if `proc` exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log(name), re.MULTILINE)
+            if match:
+                return match
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"{name} exited ({proc.returncode}) before logging {pattern!r}:\n{self.log(name)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not log {pattern!r} within {timeout} s:\n{self.log(name)[-3000:]}")
+            time.sleep(0.2)
 
     def wait(self, proc: subprocess.Popen, name: str, timeout: float) -> int:
         try:
@@ -107,6 +127,33 @@ class SwarmProcesses:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `pgid` (a process started by `start` leads its
+    own group, which its hivemind helpers and p2pd daemon inherit)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = raw[raw.rindex(")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def log_times(log: str, pattern: str) -> list[float]:
+    """Seconds since midnight of the log lines (`HH:MM:SS LEVEL ...`) that match `pattern`."""
+    times = []
+    for line in log.splitlines():
+        if re.search(pattern, line) and re.match(r"\d\d:\d\d:\d\d ", line):
+            h, m, sec = map(int, line[:8].split(":"))
+            times.append(h * 3600 + m * 60 + sec)
+    return times
 
 
 def toy_recipes(folder: Path, count: int) -> list[str]:

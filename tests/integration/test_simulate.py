@@ -41,17 +41,24 @@ def write_simulation_config(tmp_path: Path, model: Path, iterations: int, steps:
     return path
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """Live processes whose environment carries `tag`: every descendant of the simulator, p2pd included."""
+def tagged_processes(tag: str) -> list[str]:
+    """Live processes whose environment carries `tag`: every descendant of the simulator, p2pd included.
+
+    torch's `torch_shm_manager` is left out: torch starts it for shared-memory tensors and it exits
+    by itself once its clients are gone (the fixture still kills it)."""
     needle = f"P2PCOLD_SIM_TEST={tag}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if needle in (entry / "environ").read_bytes() and b"Z" not in (entry / "stat").read_bytes().split(b")")[-1][:3]:
-                    found.append(int(entry.name))
+                if needle not in (entry / "environ").read_bytes():
+                    continue
+                state = (entry / "stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
+            if state != b"Z" and "torch_shm_manager" not in cmdline:
+                found.append(f"{entry.name}: {cmdline[:120]}")
     return found
 
 
@@ -67,11 +74,13 @@ def simulator():
 
     start.tag = tag
     yield start
-    for pid in tagged_processes(tag):
+    needle = f"P2PCOLD_SIM_TEST={tag}".encode()
+    for entry in Path("/proc").iterdir():
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
 
 
 def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simulator):

@@ -1,0 +1,190 @@
+"""Failures of a decentralized swarm, with real processes: a peer killed at the boundary and restarted
+(issue c), a late joiner (d) and a peer with another base model (e).
+
+Timing is made deterministic by speed, not by sleeps: "slow" peers finetune for a fixed number of
+seconds per iteration (`finetune.budget.seconds`), "fast" ones for 3 steps (well under a second), so a
+fast peer always reaches a boundary first and waits there for the slow ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from p2pcold.model import body_state, checkpoint_path, latest_checkpoint, load_body, read_metadata
+from p2pcold.testing import build_tiny_encoder
+from swarm_cli import FAST_SWARM, SwarmProcesses, log_times, process_group, toy_recipes, write_run_config
+
+pytestmark = [pytest.mark.network]
+
+DEADLINE = FAST_SWARM["boundary_deadline"]
+
+
+def slow(seconds: float) -> tuple[str, ...]:
+    return ("--set", "finetune.budget.steps=null", "--set", f"finetune.budget.seconds={seconds}")
+
+
+def body_at(checkpoint) -> dict[str, torch.Tensor]:
+    return body_state(load_body(str(checkpoint)))
+
+
+def final_body(run_dir) -> dict[str, torch.Tensor]:
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None, f"no checkpoint in {run_dir}"
+    return body_at(checkpoint)
+
+
+def max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+# --------------------------------------------------------------------------- c) kill and restart
+
+
+@pytest.mark.timeout(300)
+def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, tiny_model_dir):
+    """A peer SIGKILLed while averaging at iteration 1 leaves no process behind; the two survivors
+    finish that iteration without it (a group of 2, well within boundary_deadline); restarted with the
+    same --run-dir it resumes from its own checkpoint, downloads the swarm's newer base, rejoins a
+    boundary and ends the run with the same body as the survivors.
+
+    What is guaranteed: the restarted peer resumes from its last checkpoint (never from θ0), reaches the
+    run's last iteration, and fuses again with the swarm at the first boundary after it is back. Equal
+    final bodies follow because it is back well before the survivors' last boundary (5 iterations of
+    SLOW seconds); a peer that comes back after the swarm has finished can only keep its own update."""
+    recipes = toy_recipes(tmp_path, 3)
+    iterations, slow_s = 5, 8
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm={"target_group_size": 3, "min_group_size": 2})
+    maddr = swarm.bootstrap(config)
+    survivors = {name: swarm.peer(name, config, recipe, maddr, *slow(slow_s)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
+    victim = swarm.peer("victim", config, recipes[2], maddr)
+
+    # iteration 0: the fast victim waits at the boundary for both slow peers (a group of 3)
+    swarm.wait_for_log("victim", r"iteration 0: fused with a group of 3", timeout=120, proc=victim)
+    swarm.wait_for_log("victim", r"iteration 1: finetuned", timeout=30, proc=victim)
+    time.sleep(1.0)  # it is now waiting at boundary 1 (phase "averaging"), the slow peers still finetune
+    os.kill(victim.pid, signal.SIGKILL)  # the main process only, as the OOM killer would
+    victim.wait(timeout=10)
+    killed_at = time.monotonic()
+    deadline = killed_at + 10
+    while process_group(victim.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = process_group(victim.pid)
+    assert not left, f"the killed peer's hivemind processes / p2pd outlived it: {left}"
+    assert read_metadata(latest_checkpoint(tmp_path / "victim")).iteration == 1
+
+    # the survivors finish iteration 1 without the victim, bounded by boundary_deadline
+    for name, proc in survivors.items():
+        swarm.wait_for_log(name, r"iteration 1: fused with a group of 2", timeout=slow_s + DEADLINE + 30, proc=proc)
+        log = swarm.log(name)
+        (arrived,), (fused,) = log_times(log, r"iteration 1: finetuned"), log_times(log, r"iteration 1: fused")
+        assert fused - arrived < DEADLINE, f"{name} waited {fused - arrived} s at boundary 1"
+
+    # restarted once the swarm has moved on, so that it has to catch up
+    restarted = swarm.peer("victim-restarted", config, recipes[2], maddr, run_dir=tmp_path / "victim")
+    for name, proc in {**survivors, "victim-restarted": restarted}.items():
+        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
+
+    log = swarm.log("victim-restarted")
+    assert re.search(r"resumed from \S*iter-0001 at iteration 1", log), log[-3000:]
+    caught_up = int(re.search(r"downloaded the swarm's base of iteration (\d+) \(we were at 1\)", log).group(1))
+    assert caught_up >= 2
+    rejoined = [int(i) for i in re.findall(r"iteration (\d+): fused with a group of 3", log)]
+    assert rejoined, f"the restarted peer never fused with the swarm again:\n{log[-3000:]}"
+    assert f"done at iteration {iterations}" in log
+    bodies = {name: final_body(tmp_path / name) for name in ("a", "b", "victim")}
+    for name in ("b", "victim"):
+        assert read_metadata(latest_checkpoint(tmp_path / name)).iteration == iterations
+        assert max_diff(bodies["a"], bodies[name]) <= 1e-6, name
+    for name in survivors:
+        assert re.search(rf"iteration ({'|'.join(map(str, rejoined))}): fused with a group of 3", swarm.log(name))
+
+
+# --------------------------------------------------------------------------- d) and e): one running swarm
+
+
+@pytest.fixture(scope="module")
+def running_swarm(tmp_path_factory, tiny_model_dir):
+    """A bootstrap and two slow peers (3 s of finetuning per iteration) running 9 iterations,
+    shared by the late-joiner and the mismatched-model tests."""
+    folder = tmp_path_factory.mktemp("running-swarm")
+    processes = SwarmProcesses(folder)
+    try:
+        recipes = toy_recipes(folder, 4)
+        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=9, swarm={"target_group_size": 3, "min_group_size": 2})
+        maddr = processes.bootstrap(config)
+        peers = {name: processes.peer(name, config, recipe, maddr, *slow(3)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
+        yield processes, folder, config, maddr, recipes, peers
+    finally:
+        processes.reap()
+
+
+@pytest.mark.timeout(120)
+def test_peer_with_another_base_model_is_refused(running_swarm):
+    processes, folder, config, maddr, recipes, peers = running_swarm
+    processes.wait_for_log("a", r"starts at iteration 0", timeout=90, proc=peers["a"])
+    other_model = build_tiny_encoder(folder / "other-model", seed=1)  # same architecture, other θ0
+    started = time.monotonic()
+    proc = processes.peer("stranger", config, recipes[3], maddr, "--set", f"model={other_model}")
+    code = processes.wait(proc, "stranger", timeout=90)
+    elapsed = time.monotonic() - started
+    log = processes.log("stranger")
+    assert code == 2, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert re.fullmatch(r"p2pcold: error: cannot join run 'itest' \(founded by \w+\): .*base model hash \(θ0\) differs: swarm has [0-9a-f]{12}…, you have [0-9a-f]{12}…", last), last
+    assert "base model differs" in last  # the two folders' names are shown too, since θ0 differs
+    assert "Traceback" not in log
+    assert elapsed < 60, f"refused after {elapsed:.0f} s"
+    assert not (folder / "stranger" / "latest.json").exists()
+
+
+@pytest.mark.timeout(240)
+def test_late_joiner_downloads_the_current_body_and_fuses_with_the_swarm(running_swarm):
+    """A peer that joins at iteration >= 2 starts from the swarm's current base (downloaded), not θ0,
+    then fuses with the others; it loads the model from another folder (same weights), which the run
+    identity accepts."""
+    processes, folder, config, maddr, recipes, peers = running_swarm
+    processes.wait_for_log("a", r"iteration 1: fused with a group of 2", timeout=150, proc=peers["a"])
+    model_copy = shutil.copytree(read_model_path(config), folder / "model-copy")
+    late = processes.peer("late", config, recipes[2], maddr, "--set", f"model={model_copy}")
+    match = processes.wait_for_log("late", r"downloaded the swarm's base of iteration (\d+) \(we were at 0\)", timeout=90, proc=late)
+    joined_at = int(match.group(1))
+    assert joined_at >= 2
+    # compare with the swarm's checkpoint of that iteration at once: peers keep only their last 2
+    swarm_body = body_at(wait_for_checkpoint(folder / "a", joined_at, timeout=10))
+    processes.wait_for_log("late", rf"starts at iteration {joined_at}\b", timeout=30, proc=late)
+    late_checkpoint = checkpoint_path(folder / "late", joined_at)
+    assert read_metadata(late_checkpoint).iteration == joined_at
+    assert max_diff(body_at(late_checkpoint), swarm_body) <= 1e-6
+
+    for name, proc in {**peers, "late": late}.items():
+        assert processes.wait(proc, name, timeout=180) == 0, processes.log(name)[-3000:]
+    log = processes.log("late")
+    assert "iteration 0: finetuned" not in log  # it never trained from θ0
+    assert re.search(r"iteration \d+: fused with a group of 3", log), log[-3000:]
+    bodies = [final_body(folder / name) for name in ("a", "b", "late")]
+    assert max_diff(bodies[0], bodies[1]) <= 1e-6 and max_diff(bodies[0], bodies[2]) <= 1e-6
+
+
+def wait_for_checkpoint(run_dir, iteration: int, timeout: float):
+    """checkpoints/iter-NNNN of `run_dir` once it is complete (a peer serves θ_i a moment before it saves it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = latest_checkpoint(run_dir)
+        if latest is not None and read_metadata(latest).iteration >= iteration:
+            return checkpoint_path(run_dir, iteration)
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir} has no checkpoint of iteration {iteration} after {timeout} s")
+
+
+def read_model_path(config) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["model"]
