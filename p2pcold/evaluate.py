@@ -10,8 +10,6 @@ is frozen, so this is the same optimisation as running the body every step, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -19,21 +17,10 @@ from p2pcold.config import EvalConfig, load_dataset_spec
 from p2pcold.data import PreparedDataset, few_shot, make_loader, prepare_dataset
 from p2pcold.finetune import accuracy, finetune
 from p2pcold.model import Classifier, hidden_size, load_body_state, new_head
+from p2pcold.results import EvalResult
 from p2pcold.utils import derive_seed, get_logger
 
 log = get_logger("evaluate")
-
-
-@dataclass
-class EvalResult:
-    model: str  # what was evaluated, e.g. "pretrained" or "fused"
-    iteration: int  # the base's iteration (0: the pretrained model)
-    dataset: str
-    mode: str  # cold | frozen
-    accuracy: float
-    seen: bool | None  # did a contributor train on this dataset? None when unknown
-    few_shot: int | None
-    train_examples: int
 
 
 @torch.no_grad()

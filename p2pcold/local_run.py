@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from p2pcold.config import RunConfig, load_dataset_spec, to_dict
-from p2pcold.evaluate import EvalResult, Evaluator
+from p2pcold.evaluate import Evaluator
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import average, sample_contributors
 from p2pcold.model import (
@@ -38,7 +38,7 @@ from p2pcold.model import (
     read_metadata,
     save_run_checkpoint,
 )
-from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
+from p2pcold.results import EvalResult, plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
 from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("local_run")

@@ -52,15 +52,10 @@ from p2pcold.swarm import (
     start_dht,
     stop_dht,
 )
-from p2pcold.swarm.records import get_records
+from p2pcold.swarm.records import assignment_key, get_records
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 log = get_logger("peer")
-
-
-def assignment_key(run_id: str) -> str:
-    """Where the Repository publishes, per iteration, who contributes and who fuses."""
-    return f"p2pcold/{run_id}/assignment"
 
 
 class ProgressReporter:

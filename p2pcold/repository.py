@@ -24,9 +24,8 @@ from p2pcold.model import (
     read_metadata,
     save_run_checkpoint,
 )
-from p2pcold.peer import assignment_key
 from p2pcold.swarm import BodyAverager, RunIdentity, join_run, read_progress
-from p2pcold.swarm.records import put_record
+from p2pcold.swarm.records import assignment_key, put_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 log = get_logger("repository")

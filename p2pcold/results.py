@@ -7,12 +7,25 @@ import dataclasses
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from p2pcold.evaluate import EvalResult
 from p2pcold.utils import atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class EvalResult:
+    model: str  # what was evaluated, e.g. "pretrained" or "fused"
+    iteration: int  # the base's iteration (0: the pretrained model)
+    dataset: str
+    mode: str  # cold | frozen
+    accuracy: float
+    seen: bool | None  # did a contributor train on this dataset? None when unknown
+    few_shot: int | None
+    train_examples: int
+
 
 FIELDS = [f.name for f in dataclasses.fields(EvalResult)]
 

@@ -11,6 +11,11 @@ from hivemind.utils.timed_storage import get_dht_time
 from p2pcold.utils import P2PColdError
 
 
+def assignment_key(run_id: str) -> str:
+    """Where the Repository publishes, per iteration, who contributes and who fuses."""
+    return f"p2pcold/{run_id}/assignment"
+
+
 def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float) -> bool:
     """Store `value` under (key, subkey) for `ttl` s; False when the DHT did not confirm in `timeout` s."""
     future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)

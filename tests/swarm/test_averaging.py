@@ -69,6 +69,24 @@ def test_peers_at_different_iterations_never_group(swarm):
 
 
 @pytest.mark.timeout(90)
+def test_abort_stops_the_search_and_the_averager_still_fuses_afterwards(swarm):
+    """A peer told that the swarm moved on (`abort`) stops looking for a group within ~poll_interval,
+    long before the deadline; its averager is usable for the next boundary."""
+    config = fast_config(poll_interval=0.2)
+    dhts = swarm.start(2, config)
+    averagers = [swarm.averager(dht, "abort", make_body(0), config) for dht in dhts]
+    bodies = [make_body(1), make_body(2)]
+    started = time.monotonic()
+    result = averagers[0].fuse(bodies[0], 5, 1.0, deadline_s=20.0, abort=lambda: time.monotonic() - started > 1.0)
+    assert result.status is FusionStatus.ABORTED and result.averaged is None and "abort" in result.reason
+    assert 1.0 <= result.elapsed_s < 3.0
+    both = fuse_all(averagers, bodies, [6, 6], [1.0, 1.0], deadline=10.0)
+    for fused in both:
+        assert fused.ok and fused.group_size == 2, fused.reason
+        assert_bodies_close(fused.averaged, weighted_mean(bodies, [1.0, 1.0]))
+
+
+@pytest.mark.timeout(90)
 def test_late_joiner_downloads_the_newest_state(swarm):
     config = fast_config()
     old_donor, new_donor, late = swarm.start(3, config)

@@ -28,6 +28,8 @@ def test_join_accepts_the_same_identity_and_refuses_another_one(swarm):
     assert canonical.founder == peer_id(founder) and canonical.created_at > 0
     assert join_run(joiner, "id-run", identity, config) == canonical
     assert join_run(founder, "id-run", identity, config) == canonical  # re-joining refreshes, changes nothing
+    # the same weights loaded from a folder spelled differently (another machine): the same run
+    assert join_run(joiner, "id-run", RunIdentity.for_body("id-run", "/home/bob/minilm", theta0), config) == canonical
 
     other_theta0 = RunIdentity.for_body("id-run", "minilm", make_body(1))
     started = time.monotonic()
