@@ -67,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from p2pcold.model import METADATA_FILE, body_state, load_body, load_tokenizer, read_metadata
     from p2pcold.results import plot_accuracy, summary_table, write_results
 
-    run_config = load_run_config(args.config) if args.config else RunConfig(datasets=["-"])
+    run_config = load_run_config(args.config, needs_datasets=False) if args.config else RunConfig()
     eval_config: EvalConfig = run_config.eval
     if args.datasets:
         eval_config.datasets = args.datasets
@@ -124,7 +124,7 @@ def _raise_on_sigterm() -> None:
 
 
 def _swarm_run_config(args: argparse.Namespace):
-    from p2pcold.config import RunConfig, load_run_config
+    from p2pcold.config import load_run_config
 
     overrides = parse_overrides(args.set)
     for flag, key in (("run_id", "run_id"), ("host", "swarm.host"), ("port", "swarm.port"), ("identity", "swarm.identity_path")):
@@ -133,9 +133,8 @@ def _swarm_run_config(args: argparse.Namespace):
             overrides[key] = value
     if getattr(args, "announce", None):
         overrides["swarm.announce_maddrs"] = args.announce
-    if args.config is None and "datasets" not in overrides:
-        overrides["datasets"] = [getattr(args, "dataset", None) or "-"]  # a peer's own run config needs no list
-    return load_run_config(args.config, overrides)
+    # The Repository samples from the run's datasets; a peer or a status query needs only the settings.
+    return load_run_config(args.config, overrides, needs_datasets=getattr(args, "repository", False))
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -321,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("config", nargs="?", help="run config YAML (default: the offline demo)")
     simulate.add_argument("--peers", type=int, help="number of peer processes (default: one per dataset)")
-    simulate.add_argument("--gpus", help="comma-separated GPU indices; peers are placed round-robin (default: CPU)")
-    simulate.add_argument("--device", choices=["cpu"], help="run everything on the CPU (the default without --gpus)")
+    placement = simulate.add_mutually_exclusive_group()
+    placement.add_argument("--gpus", help="comma-separated GPU indices; peers are placed round-robin (default: CPU)")
+    placement.add_argument("--device", choices=["cpu"], help="run everything on the CPU (the default without --gpus)")
     simulate.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast for finetuning (CUDA)")
     simulate.add_argument("--centralized", action="store_true", help="run through a Repository (paper §2.3)")
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")

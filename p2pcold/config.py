@@ -237,8 +237,11 @@ def load_dataset_spec(reference: str) -> DatasetSpec:
     return spec
 
 
-def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> RunConfig:
-    """A run config from YAML (None: all defaults), with dotted-key overrides applied on top."""
+def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None, needs_datasets: bool = True) -> RunConfig:
+    """A run config from YAML (None: all defaults), with dotted-key overrides applied on top.
+
+    `needs_datasets=False` for a single peer, a bootstrap node or `status`, which need the run's
+    settings but not its list of contributors."""
     data = load_yaml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         node = data
@@ -247,17 +250,17 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
             node = node.setdefault(key, {})
         node[leaf] = value
     config = from_dict(RunConfig, data, where=str(path or "run config"))
-    validate_run_config(config)
+    validate_run_config(config, needs_datasets)
     return config
 
 
-def validate_run_config(config: RunConfig) -> None:
-    if not config.datasets:
+def validate_run_config(config: RunConfig, needs_datasets: bool = True) -> None:
+    if needs_datasets and not config.datasets:
         raise P2PColdError("run config: `datasets` lists no contributor recipe")
     if len(set(config.datasets)) != len(config.datasets):
         raise P2PColdError("run config: `datasets` lists a recipe twice")
     k = config.contributors_per_iteration
-    if k is not None and not 1 <= k <= len(config.datasets):
+    if k is not None and config.datasets and not 1 <= k <= len(config.datasets):
         raise P2PColdError(f"run config: contributors_per_iteration={k} must be between 1 and {len(config.datasets)}")
     if config.iterations < 1:
         raise P2PColdError("run config: iterations must be at least 1")

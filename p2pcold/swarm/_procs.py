@@ -65,6 +65,22 @@ def kill(pid: int, starttime: int, grace_s: float) -> None:
             time.sleep(0.05)
 
 
+def reset_signal_handlers() -> None:
+    """In a forked background process: restore SIGTERM's default action.
+
+    A fork inherits its parent's Python signal handlers. The CLI turns SIGTERM into an exception in
+    the main process (so that `finally` blocks stop everything); in hivemind's DHT or averager
+    process that handler would raise inside the asyncio loop when SIGTERM reaches the whole process
+    group (systemd's default KillMode, `kill -TERM -PGID`), leaving a broken process that only dies
+    after the parent's shutdown grace period. With the default action the child simply exits; the
+    parent's bounded shutdown then finds it gone and kills any p2pd daemon left.
+    """
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread of this process
+        pass
+
+
 def exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
     """In a background process: exit (killing its own p2pd children first) once `parent_pid` is gone.
 

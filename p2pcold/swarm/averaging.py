@@ -124,6 +124,7 @@ class _SwarmAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def run(self):  # in the forked averager process
+        _procs.reset_signal_handlers()
         _procs.exit_when_orphaned(self._p2pcold_parent)
         super().run()
 

@@ -34,6 +34,7 @@ class _SwarmDHT(hivemind.DHT):
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
+        _procs.reset_signal_handlers()
         _procs.exit_when_orphaned(self._p2pcold_parent)
         super().run()
 
