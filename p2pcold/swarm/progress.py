@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import hivemind
-from hivemind.utils.timed_storage import get_dht_time
 
+from p2pcold.swarm.records import get_records, put_record
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -64,22 +64,11 @@ def publish_progress(
     if ttl <= 0:
         raise P2PColdError("swarm: progress ttl must be positive")
     record = dataclasses.asdict(dataclasses.replace(progress, last_seen=time.time()))
-    # plain Python types only (msgpack cannot encode numpy or torch scalars); NaN/inf become None
-    record.update(peer_id=str(record["peer_id"]), dataset=str(record["dataset"]), phase=str(record["phase"]))
-    record["iteration"] = int(record["iteration"])
-    if record["last_group_size"] is not None:
-        record["last_group_size"] = int(record["last_group_size"])
     for name in ("train_loss", "dev_accuracy", "examples_per_second"):
         value = record[name]
-        record[name] = float(value) if value is not None and math.isfinite(float(value)) else None
-    future = dht.store(
-        progress_key(run_id), record, expiration_time=get_dht_time() + ttl, subkey=progress.peer_id, return_future=True
-    )
-    try:
-        stored = bool(future.result(timeout=timeout))
-    except TimeoutError:
-        future.cancel()
-        stored = False
+        if value is not None and not math.isfinite(value):
+            record[name] = None  # msgpack has no NaN problem, but readers should not see NaN
+    stored = put_record(dht, progress_key(run_id), progress.peer_id, record, ttl, timeout)
     if not stored:
         logger.warning("progress of %s was not stored in the DHT within %.1f s", progress.peer_id, timeout)
     return stored
@@ -90,21 +79,10 @@ def read_progress(dht: hivemind.DHT, run_id: str, timeout: float = DEFAULT_DHT_R
 
     Raises P2PColdError when the DHT does not answer within `timeout` s (an empty list means no peer
     published recently, not a network failure)."""
-    future = dht.get(progress_key(run_id), latest=True, return_future=True)
-    try:
-        found = future.result(timeout=timeout)
-    except TimeoutError:
-        future.cancel()
-        raise P2PColdError(f"swarm: the DHT did not return progress records within {timeout:.1f} s") from None
-    if found is None or not isinstance(found.value, dict):
-        return []
-    now = get_dht_time()
     records = []
-    for subkey, item in found.value.items():
-        if getattr(item, "expiration_time", now) < now:
-            continue
-        progress = PeerProgress.from_record(getattr(item, "value", None))
-        if progress is None or progress.peer_id != str(subkey):
+    for subkey, value in get_records(dht, progress_key(run_id), timeout).items():
+        progress = PeerProgress.from_record(value)
+        if progress is None or progress.peer_id != subkey:
             logger.debug("ignoring a malformed progress record from %s", subkey)
             continue
         records.append(progress)
