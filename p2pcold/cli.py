@@ -112,8 +112,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- swarm
 
 
-class Terminated(Exception):
-    """SIGTERM, turned into an exception so that `finally` blocks stop daemons and threads."""
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that `finally` blocks stop daemons and threads.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a fusion attempt
+    that treats errors as a failed round and retries, a best-effort download) can swallow it."""
 
 
 def _raise_on_sigterm() -> None:

@@ -74,24 +74,28 @@ class ProgressReporter:
         self.progress = replace(self.progress, **fields)
         self._wake.set()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                publish_progress(self.dht, self.run_id, self.progress, self.ttl, self.timeout)
-            except Exception as e:  # a failed heartbeat must never kill the peer
-                log.debug("progress not published: %s", e)
-            self._wake.wait(self.ttl / 3)
-            self._wake.clear()
-
-    def close(self, timeout: float) -> None:
-        """Stop the thread, then publish the last state once (e.g. phase `done`)."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
+    def _publish(self) -> None:
         try:
             publish_progress(self.dht, self.run_id, self.progress, self.ttl, self.timeout)
-        except Exception as e:
-            log.debug("final progress not published: %s", e)
+        except Exception as e:  # a failed heartbeat must never kill the peer
+            log.debug("progress not published: %s", e)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._publish()
+            self._wake.wait(self.ttl / 3)
+            self._wake.clear()
+        self._publish()  # the last state once (e.g. phase `done`)
+
+    def close(self, timeout: float) -> None:
+        """Stop the thread once it has published the last state; bounded by `timeout`, and at once when
+        the DHT process is gone (e.g. SIGTERM reached the whole process group): a store through a dead
+        DHT would only wait for its own timeout."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline and self.dht.is_alive():
+            self._thread.join(0.1)
 
 
 class Peer:
@@ -116,6 +120,7 @@ class Peer:
         self.show_progress = show_progress
         self.iteration = 0
         self.dht = self.averager = self.reporter = None
+        self.last_group: set[str] = set()  # peer ids of the others in the last group this peer fused with
 
     # ------------------------------------------------------------------ setup
 
@@ -169,6 +174,7 @@ class Peer:
             return False
         log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
         self.iteration, self.base = downloaded
+        self.last_group = set()
         self.reporter.update(iteration=self.iteration)
         self.averager.set_shared_state(self.iteration, self.base)
         self.save_checkpoint()
@@ -184,7 +190,25 @@ class Peer:
                 self.run_iteration()
         self.reporter.update(phase="done", iteration=self.iteration)
         log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
+        if not self.centralized:
+            self._serve_final_state()
         return self.base
+
+    def _serve_final_state(self) -> None:
+        """Keep serving θ_N while another live peer is still behind: one whose last all-reduce failed on
+        its side after ours succeeded, or a straggler, can then download the final body instead of
+        ending the run with its own. Bounded by `boundary_deadline`."""
+        swarm = self.config.swarm
+        started = time.monotonic()
+        behind: list[str] = []
+        while time.monotonic() < started + swarm.boundary_deadline:
+            behind = sorted(p.dataset for p in self._other_peers() if p.iteration < self.iteration and p.phase != "done")
+            if not behind:
+                if time.monotonic() - started > 2 * swarm.poll_interval:
+                    log.info("served the final base for %.0f s until every live peer had it", time.monotonic() - started)
+                return
+            time.sleep(swarm.poll_interval)
+        log.warning("stopped serving the final base after %.0f s; still behind: %s", swarm.boundary_deadline, ", ".join(behind))
 
     def _other_peers(self) -> list[PeerProgress]:
         """The live progress records of the other peers, newest per dataset (a restarted peer's previous
@@ -206,13 +230,20 @@ class Peer:
     def _wait_at_boundary(self, deadline: float) -> bool:
         """Wait until no live peer at this iteration is still finetuning (or joining), so that the group
         forms with everyone instead of whoever arrived first; bounded by `deadline` (monotonic).
+        The members of this peer's last group count as on their way even while their records still show
+        the previous iteration (a fast finetune can end before they have published the new one).
         Returns True when the swarm is already past this iteration (this peer is the straggler)."""
         poll = self.config.swarm.poll_interval
         while True:
             others = self._other_peers()
             if any(p.iteration > self.iteration for p in others):
                 return True
-            pending = sorted(p.dataset for p in others if p.iteration == self.iteration and p.phase in ("joining", "downloading", "finetuning"))
+            pending = sorted(
+                p.dataset
+                for p in others
+                if (p.iteration == self.iteration and p.phase in ("joining", "downloading", "finetuning"))
+                or (p.peer_id in self.last_group and p.iteration < self.iteration and p.phase != "done")
+            )
             if not pending or time.monotonic() + poll > deadline:
                 if pending:
                     log.warning("iteration %d: not waiting any longer for %s", self.iteration, ", ".join(pending))
@@ -265,6 +296,7 @@ class Peer:
             self.base = fused.averaged
             log.info("iteration %d: fused with a group of %d (%s)", self.iteration, fused.group_size, ", ".join(sorted(m.metadata.get("dataset", "?") for m in fused.members.values())))
             self.reporter.update(last_group_size=fused.group_size)
+            self.last_group = set(fused.members) - {self.peer_id}
         else:
             log.warning("iteration %d: no fusion (%s)", self.iteration, fused.reason)
             if self._adopt_newer_state():
@@ -272,6 +304,7 @@ class Peer:
             log.warning("iteration %d: no peer at this iteration; keeping our own update (a group of one)", self.iteration)
             self.base = contribution.body
             self.reporter.update(last_group_size=1)
+            self.last_group = set()
         self.iteration += 1
         self.averager.set_shared_state(self.iteration, self.base)
         self.save_checkpoint()

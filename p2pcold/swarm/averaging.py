@@ -240,6 +240,8 @@ class BodyAverager:
             self._averager.wait_until_ready(timeout=self.config.local_rpc_timeout)
         except BaseException as e:
             self.shutdown(stop_dht=False)
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt, the CLI's SIGTERM: not a start-up failure
             raise P2PColdError(f"swarm: the averager process did not start: {str(e) or type(e).__name__}") from None
 
     # ------------------------------------------------------------------ fusion
@@ -359,7 +361,7 @@ class BodyAverager:
                     if abort is not None and not control.began_allreduce and abort() and not control.began_allreduce:
                         control.cancel()
                         return False, _ABORTED
-        except BaseException as e:  # hivemind raises AllreduceException / MatchmakingException / TimeoutError
+        except Exception as e:  # hivemind raises AllreduceException / MatchmakingException / TimeoutError
             return control.began_allreduce, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
         members: dict[str, GroupMember] = {}
@@ -472,7 +474,7 @@ class BodyAverager:
         except TimeoutError:
             logger.warning("no state download finished within %.0f s", timeout)
             return None
-        except BaseException as e:
+        except Exception as e:
             logger.warning("state download failed: %s", e)
             return None
         if loaded is None:

@@ -106,6 +106,8 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
             error, ready = e, False
     if not ready:
         stop_dht(dht, grace_s=1.0)
+        if error is not None and not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt, the CLI's SIGTERM: not a start-up failure
         where = f"initial peers {', '.join(initial)}" if initial else "a new swarm"
         if error is None:
             raise P2PColdError(f"swarm: could not start a DHT node for {where} within {bound:.0f} s")

@@ -1,15 +1,16 @@
 """A public bootstrap node: a persistent identity keeps its multiaddr across restarts, SIGTERM stops it
-cleanly (exit 0, nothing left behind). See bootstrap/README.md."""
+cleanly (exit 0, nothing left behind), and so it does a peer (exit 143). See bootstrap/README.md."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
 
 import pytest
 
-from swarm_cli import process_group
+from swarm_cli import process_group, toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -31,11 +32,16 @@ def start_bootstrap(swarm, name: str, *args: str, timeout: float = 60) -> tuple[
     return proc, maddrs.read_text().split()
 
 
-def stop(swarm, proc, name: str) -> float:
-    """SIGTERM the node; assert it exits 0 and leaves no process (p2pd included); return the time it took."""
+def stop(swarm, proc, name: str, whole_group: bool, code: int = 0) -> float:
+    """SIGTERM a process (its main process, or its whole process group as systemd's default KillMode and
+    `kill -TERM -PGID` do); assert it exits with `code` and leaves no process (p2pd included); return the
+    time taken."""
     started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert swarm.wait(proc, name, timeout=30) == 0, swarm.log(name)[-3000:]
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert swarm.wait(proc, name, timeout=30) == code, swarm.log(name)[-3000:]
     elapsed = time.monotonic() - started
     deadline = time.monotonic() + 5
     while process_group(proc.pid) and time.monotonic() < deadline:
@@ -44,7 +50,7 @@ def stop(swarm, proc, name: str) -> float:
     return elapsed
 
 
-def test_identity_file_keeps_the_address_across_restarts_and_sigterm_stops_cleanly(swarm, tmp_path):
+def test_identity_file_keeps_the_address_across_restarts_and_sigterm_stops_cleanly(swarm, tmp_path, tiny_model_dir):
     key, port = tmp_path / "bootstrap.key", free_port()
     args = ("--host", "127.0.0.1", "--port", str(port), "--identity", str(key))
 
@@ -52,12 +58,20 @@ def test_identity_file_keeps_the_address_across_restarts_and_sigterm_stops_clean
     assert key.is_file()  # created on first use
     assert maddrs and all(m.startswith(f"/ip4/127.0.0.1/tcp/{port}/p2p/") for m in maddrs), maddrs
     assert f"--initial-peers {maddrs[0]}" in swarm.log("first")  # the line an operator copies
-    assert stop(swarm, first, "first") < 10
+    assert stop(swarm, first, "first", whole_group=False) < 10
 
     second, again = start_bootstrap(swarm, "second", *args)
     assert again == maddrs  # same peer id, same port: the --initial-peers line peers keep stays valid
-    assert stop(swarm, second, "second") < 10
 
-    third, other = start_bootstrap(swarm, "third", "--port", str(port))  # no identity: a new peer id
-    assert other[0].rsplit("/p2p/", 1)[1] != maddrs[0].rsplit("/p2p/", 1)[1]
-    stop(swarm, third, "third")
+    # a peer joins through the restarted node and waits, alone, at its first boundary; SIGTERM (to its
+    # main process, as systemd's KillMode=mixed does) stops it at once with exit code 143
+    recipes = toy_recipes(tmp_path, 1)
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=1)
+    peer = swarm.peer("peer", config, recipes[0], again[0])
+    swarm.wait_for_log("peer", r"iteration 0: finetuned", timeout=90, proc=peer)
+    time.sleep(1.0)  # now looking for a group (for up to boundary_deadline)
+    assert stop(swarm, peer, "peer", whole_group=False, code=143) < 10
+
+    assert stop(swarm, second, "second", whole_group=True) < 10
+    for name in ("first", "second", "peer"):
+        assert "Traceback" not in swarm.log(name), swarm.log(name)
