@@ -27,5 +27,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+bench: setup
+	$(PY) -m benchmarks.run
+
 clean:
 	rm -rf $(VENV) runs

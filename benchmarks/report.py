@@ -1,0 +1,370 @@
+"""Renders benchmarks/results.json into the generated section of docs/performance.md.
+
+Only the text between the two markers is replaced; everything around it is hand-written.
+Run alone (no measuring): python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import DOC_PATH, fmt, load_results
+
+BEGIN = "<!-- BEGIN GENERATED: benchmarks/run.py rewrites this section; edit the text around it -->"
+END = "<!-- END GENERATED -->"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**missed**")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.0f} %"
+
+
+def _section(results: dict, name: str) -> tuple[dict | None, str]:
+    entry = results.get("benchmarks", {}).get(name)
+    if not entry:
+        return None, f"_Not run yet: `python -m benchmarks.run --only {name}`._"
+    if "error" in entry:
+        return None, f"_Failed in the last run: {entry['error']}_"
+    note = f"_{entry['seconds']:.0f} s, {entry['finished']}{', --quick' if entry.get('quick') else ''}._"
+    return entry["result"], note
+
+
+def machine(results: dict) -> str:
+    m = results.get("machine", {})
+    gpu = m.get("gpu") or "none"
+
+    def run(r: dict) -> str:
+        return (
+            f"{r.get('finished')}, {', '.join(r.get('sections', []))}{' (--quick)' if r.get('quick') else ''}: "
+            f"{r.get('total_s', 0) / 60:.1f} min, load average {r.get('load_average_at_start')} at the start and "
+            f"{r.get('load_average_at_end')} at the end (other jobs share this machine)"
+        )
+
+    line = (
+        f"Machine: {m.get('cores')} CPU cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB RAM, GPU: {gpu}; "
+        f"Python {m.get('python')}, torch {m.get('torch')}, hivemind {m.get('hivemind')}, transformers {m.get('transformers')}."
+    )
+    full, last = results.get("last_full_run"), results.get("last_run")
+    if full:
+        line += f" Whole suite: {run(full)}."
+    if last and last != full:
+        line += f" Last partial run: {run(last)}."
+    return line
+
+
+def finetune(results: dict) -> str:
+    r, note = _section(results, "finetune")
+    if r is None:
+        return note
+    rows = []
+    for row in r["rows"]:
+        e, q = row["examples_per_s"], row["ratio"]
+        rows.append(
+            [
+                row["model"],
+                f"{row['body_params_m']} M",
+                f"{row['steps']} × {row['batch']} × {row['max_length']}",
+                row["repeats"],
+                fmt(e["plain"], 1),
+                fmt(e["p2pcold"], 1),
+                f"**{fmt(q['p2pcold'], 3)}** ({fmt(row['ratio_range']['p2pcold'][0])}–{fmt(row['ratio_range']['p2pcold'][1])})",
+                fmt(row["cpu_ratio"]["p2pcold"], 3),
+                fmt(q["p2pcold+bar"], 3),
+                fmt(row["cpu_ratio"]["p2pcold+bar"], 3),
+            ]
+        )
+    out = [
+        _table(
+            ["body", "params", "steps × batch × tokens", "repeats", "plain ex/s", "p2pcold ex/s", "ratio, wall (min–max)", "ratio, CPU time", "ratio with progress bar", "…, CPU time"],
+            rows,
+        ),
+        "",
+        f"Target: ratio ≥ {r['target_ratio']} → {_mark(r['target_met'])}. Ratios are medians of per-repeat ratios "
+        "(each repeat runs the variants back to back, rotating which goes first); ex/s are medians. torch on 1 thread.",
+    ]
+    if not r["target_met"] and all(v >= r["target_ratio"] for row in r["rows"] for v in row["cpu_ratio"].values()):
+        out += [
+            "",
+            "The CPU-time ratios are all at target: p2pcold did the same work in the same CPU time, so the wall-clock gap "
+            "is other jobs taking the core during some repeats. Rerun `python -m benchmarks.run --only finetune`.",
+        ]
+    t = r.get("threads_check")
+    if t:
+        out += [
+            "",
+            f"Threads check (plain loop, tiny encoder, {t['steps']} steps, interleaved): 1 thread {t['examples_per_s']['1']} ex/s "
+            f"(min–max {t['min_max']['1'][0]}–{t['min_max']['1'][1]}), 2 threads {t['examples_per_s']['2']} ex/s "
+            f"(min–max {t['min_max']['2'][0]}–{t['min_max']['2'][1]}).",
+        ]
+    if r.get("profile"):
+        prof = r["profile"]
+        out += [
+            "",
+            f"Profile (cProfile, tiny encoder, {prof['steps']} steps; total {fmt(prof['plain_s'])} s plain, "
+            f"{fmt(prof['p2pcold_bar_s'])} s p2pcold with progress bar), p2pcold's top functions by own time:",
+            "",
+            "```",
+            prof["p2pcold_bar"].strip(),
+            "```",
+        ]
+    return "\n".join(out + ["", note])
+
+
+def fusion(results: dict) -> str:
+    r, note = _section(results, "fusion")
+    if r is None:
+        return note
+    rows = []
+    for row in r["rows"]:
+        t, w, ph = row["time_s"], row["warmup_s"], row.get("phases_s", {})
+        rows.append(
+            [
+                row["size"],
+                f"{row['params'] / 1e6:.1f} M",
+                row["peers"],
+                row["repeats"],
+                fmt(t.get("p2pcold-none")),
+                fmt(t.get("bare")),
+                fmt(t.get("gloo")),
+                f"**{fmt(row['ratio_vs_bare'])}**",
+                fmt(row["ratio_vs_gloo"], 1),
+                f"{fmt(w.get('p2pcold-none'))} / {fmt(w.get('bare'))}",
+                f"{fmt(ph.get('write_s'))} / {fmt(ph.get('read_s'))} / {fmt(ph.get('load_s'))} ({fmt(ph.get('lock_wait_s'))})",
+            ]
+        )
+    out = [
+        _table(
+            ["body", "params", "peers", "timed rounds", "p2pcold boundary step (s)", "bare hivemind step (s)", "gloo all_reduce (s)", "p2pcold / bare", "p2pcold / gloo", "first round: p2pcold / bare (s)", "p2pcold copies: in / out / load (of which lock wait) (s)"],
+            rows,
+        ),
+        "",
+        f"Target: p2pcold / bare ≤ {r['target_ratio_vs_bare']} → {_mark(r['target_met'])}. Times: the slowest peer's, median over the timed rounds; "
+        "ratios: median of per-round ratios (variants interleaved, rotating order). The first round (untimed warm-up) opens the connections.",
+    ]
+    for e in r.get("errors", []):
+        out += ["", f"Not measured: {e['size']} × {e['peers']} peers: {e['error']}"]
+    for row in r["rows"]:
+        for f in row.get("failed_rounds", []):
+            kind = "warm-up round" if f["round"] == 0 else f"timed round {f['round']}"
+            out += ["", f"Failed and left out: {row['size']} × {row['peers']}, {f['variant']}, {kind}, on {f['peers_failed']} peer(s): {f['reason']}"]
+    if r.get("copies"):
+        out += [
+            "",
+            "p2pcold's own copies around the all-reduce, in one process on one thread (no network): the real "
+            "`BodyAverager._write_tensors` + `_read_tensors` + the finiteness check + `load_body_state`'s copy, against the same "
+            "work in single passes (`torch.sub(body, θ0, out=shared)`, then `torch.add(shared, θ0, out=model)`):",
+            "",
+            _table(
+                ["body", "params", "p2pcold today (s)", "single-pass (s)", "saving"],
+                [
+                    [c["size"], f"{c['params'] / 1e6:.1f} M", fmt(c["current_s"]), fmt(c["single_pass_s"]), _pct(1 - c["single_pass_s"] / c["current_s"])]
+                    for c in r["copies"]
+                ],
+            ),
+        ]
+    compressed = [(row, name, c) for row in r["rows"] for name, c in row["compression"].items() if len(row["compression"]) > 1]
+    if compressed:
+        out += [
+            "",
+            "Compression (the p2pcold boundary step with wire compression; averaged body − θ0 deltas of N(0, "
+            f"{r['delta_std']:g}²) per weight stand in for finetuning updates):",
+            "",
+            _table(
+                ["body", "peers", "compression", "bytes per vector (MB)", "sent per peer per round (MB)", "measured I/O per peer, sent + received (MB)", "time (s)", "vs none", "max abs error", "mean abs error", "mean abs update"],
+                [
+                    [
+                        row["size"],
+                        row["peers"],
+                        name,
+                        fmt(c["bytes_per_vector"] / 1e6, 1),
+                        fmt(c["sent_bytes_per_peer"] / 1e6, 1),
+                        fmt(c["measured_io_bytes_per_peer"] / 1e6, 1) if c.get("measured_io_bytes_per_peer") else "–",
+                        fmt(c["time_s"]),
+                        fmt(c["ratio_vs_none"]),
+                        f"{c['max_abs_error']:.2e}" if "max_abs_error" in c else "–",
+                        f"{c['mean_abs_error']:.2e}" if "mean_abs_error" in c else "–",
+                        f"{c['mean_abs_update']:.2e}" if "mean_abs_update" in c else "–",
+                    ]
+                    for row, name, c in compressed
+                ],
+            ),
+            "",
+            "Errors: |fused − `p2pcold.fusion.average`| over every value, after loading into the model. "
+            "Bytes per vector: hivemind's serialized parts (512 KiB each) of the whole body; sent per peer = 2 (n−1)/n × that. "
+            "Measured I/O: bytes through read/write syscalls of the peer's hivemind averager process (to and from its p2pd).",
+        ]
+    return "\n".join(out + ["", note])
+
+
+def utilisation(results: dict) -> str:
+    r, note = _section(results, "utilisation")
+    if r is None:
+        return note
+    rows = []
+
+    def add(label: str, s: dict) -> None:
+        rows.append(
+            [
+                label,
+                fmt(s["iteration_s"], 1),
+                f"{fmt(s['train_s_fast'], 1)} / {fmt(s['train_s_slow'], 1)}",
+                f"{fmt(s['examples_fast'], 0)} / {fmt(s['examples_slow'], 0)}",
+                f"**{_pct(s['train_fraction_fast'])}** / **{_pct(s['train_fraction_slow'])}**",
+                f"{_pct(s['wait_fraction_fast'])} / {_pct(s['wait_fraction_slow'])}",
+                _pct(s["averaging_fraction"]),
+                _pct(s["eval_copy_fraction"]),
+                _pct(s["checkpoint_fraction"]),
+                _pct(s["other_fraction"]),
+                fmt(s["overhead_s"], 1),
+            ]
+        )
+
+    f = r["fixed_work"]
+    add("(a) fixed work, uniform average", f)
+    for seconds, s in r["time_budget"].items():
+        add(f"(b) time budget {float(seconds):g} s, weighted by examples", s)
+    m = r["model"]
+    out = [
+        _table(
+            ["iteration", "wall (s)", "training s: fast / slow", "examples: fast / slow", "training share: fast / slow", "waiting: fast / slow", "averaging", "dev eval + copies", "checkpoint", "other", "overhead s (all but training)"],
+            rows,
+        ),
+        "",
+        "Shares are medians over peers (and over iterations); fast = the 3 normal peers, slow = the half-speed one. "
+        "(a) leaves out iteration 0, which also opens the connections. Group sizes seen: "
+        + ", ".join(str(g) for g in sorted({g for s in [f, *r["time_budget"].values()] for g in s["group_sizes"]}))
+        + ".",
+        "",
+        f"Model: utilisation(T) = T / (T + O) with O = {fmt(m['overhead_s'], 1)} s of non-training time per iteration "
+        f"(measured {', '.join(f'{fmt(v, 1)} s at {float(k):g} s' for k, v in m['overhead_s_by_length'].items())}). "
+        f"Time budget: {_pct(m['time_budget_at_120s'])} training at T = 120 s, {_pct(m['time_budget_at_600s'])} at 600 s; "
+        f"95 % needs T ≥ 19 O = {fmt(m['time_budget_length_for_95pct_s'], 0)} s. Fixed work with a 2× slower peer: "
+        f"fast peers {_pct(m['fixed_work_fast_at_120s'])}, slow peer {_pct(m['fixed_work_slow_at_120s'])} at 120 s of fast-peer work "
+        f"(≤ 50 % for the fast peers at any length). Counting the whole `finetune()` call (training + its dev evaluation + copying the "
+        f"body out) as finetuning, the boundary alone costs O_b = {fmt(m['boundary_overhead_s'], 1)} s: "
+        f"{_pct(m['finetune_call_at_120s'])} at 120 s, 95 % from {fmt(m['finetune_call_length_for_95pct_s'], 0)} s. "
+        f"Target ≥ 95 % at ≥ 2 min → {_mark(m['target_met_at_120s'])} (training share, time budget, extrapolated).",
+    ]
+    return "\n".join(out + ["", note])
+
+
+def memory(results: dict) -> str:
+    r, note = _section(results, "memory")
+    if r is None:
+        return note
+    rows = [[row["what"], fmt(row["peak_rss_mib"], 0), fmt(row["tree_pss_mib"], 0)] for row in r["cpu"]]
+    out = [_table(["process (CPU)", "peak RSS of the peer process (MiB)", "PSS of its process tree, incl. hivemind (MiB)"], rows), ""]
+    gpu = r["gpu"]
+    if "skipped" in gpu:
+        gpu_rows = [
+            [f"RoBERTa-base, {opt}, {prec}, batch 32 × 128", gpu["skipped"], gpu["skipped"]]
+            for opt in ("AdamW", "AdamW8bit (bitsandbytes)")
+            for prec in ("fp32", "bf16")
+        ]
+    else:
+        gpu_rows = [
+            [
+                f"RoBERTa-base, {row['optimizer']}, {row['precision']}, batch {row['batch']} × {row['max_length']}",
+                fmt(row.get("peak_cuda_mib"), 0) if "error" not in row else row["error"],
+                fmt(row.get("examples_per_s"), 1) if "error" not in row else "–",
+            ]
+            for row in gpu["rows"]
+        ]
+    out += [_table([f"GPU ({gpu.get('device', 'none')})", "peak CUDA memory (MiB)", "ex/s"], gpu_rows)]
+    return "\n".join(out + ["", note])
+
+
+def scaling(results: dict) -> str:
+    r, note = _section(results, "scaling")
+    if r is None:
+        return note
+    if "skipped" in r:
+        return f"_{r['skipped']}_"
+    fit = r["fits"].get("p2pcold-none")
+    if not fit:
+        return "_No fit._"
+    out = [
+        f"Fit to the measured p2pcold boundary steps (loopback, all peers on 2 cores): t = a + n·B / (2 c), "
+        f"a = {fmt(fit['latency_s'])} s, c = {fmt(fit['core_bytes_per_s'] / 1e6, 0)} MB/s per core "
+        f"(plain t = a + B / thr: a = {fmt(fit['plain_latency_s'])} s, thr = {fmt(fit['plain_bytes_per_s'] / 1e6, 0)} MB/s).",
+        "",
+        _table(
+            ["body", "peers", "sent per peer (MB)", "measured (s)", "CPU-shared model (s)", "plain model (s)"],
+            [[c["size"], c["peers"], fmt(c["sent_mb"], 0), fmt(c["measured_s"]), fmt(c["cpu_model_s"]), fmt(c["plain_model_s"])] for c in fit["checks"]],
+        ),
+    ]
+    for name in ("bare", "gloo"):
+        other = r["fits"].get(name)
+        if other:
+            out += ["", f"Same fit for {name}: a = {fmt(other['latency_s'])} s, c = {fmt(other['core_bytes_per_s'] / 1e6, 0)} MB/s per core."]
+    links = r["links"]
+    proj = [row for row in r["projection"] if row["compression"] in ("none", "8bit")]
+    out += [
+        "",
+        "Projection to volunteer swarms, each peer on its own machine and link. Flat: one all-reduce of all P peers "
+        "(a peer sends and receives 2 (P−1)/P × payload; t = a + B / min(link, c)). Moshpit: d rounds in groups of g "
+        "(2 (g−1)/g × payload per round; t = d × (a + B / min(link, c))). a and c from the fit above.",
+        "",
+        _table(
+            ["peers", "body", "compression", "flat: MB per peer"]
+            + [f"flat at {l} (s)" for l in links]
+            + ["g × d", "Moshpit: MB per peer per round"]
+            + [f"Moshpit at {l} (s)" for l in links],
+            [
+                [row["peers"], row["size"], row["compression"], fmt(row["flat_mb"], 0)]
+                + [fmt(row["flat"][l], 1) for l in links]
+                + [f"{row['group']} × {row['rounds']}", fmt(row["mb_per_round"], 0)]
+                + [fmt(row["moshpit"][l], 1) for l in links]
+                for row in proj
+            ],
+        ),
+    ]
+    return "\n".join(out + ["", note])
+
+
+def generated(results: dict) -> str:
+    parts = [
+        machine(results),
+        "### 1. Finetune throughput",
+        finetune(results),
+        "### 2. Fusion round",
+        fusion(results),
+        "### 3. Utilisation",
+        utilisation(results),
+        "### 4. Memory",
+        memory(results),
+        "### 5. Scaling",
+        scaling(results),
+    ]
+    return "\n\n".join(parts)
+
+
+TEMPLATE = f"""# Performance
+
+Measured by `make bench` (`python -m benchmarks.run`); the section between the markers is
+regenerated from `benchmarks/results.json` on every run.
+
+{BEGIN}
+{END}
+"""
+
+
+def write_docs(results: dict) -> None:
+    text = DOC_PATH.read_text() if DOC_PATH.is_file() else TEMPLATE
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + "\n\n" + BEGIN + "\n" + END + "\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC_PATH.write_text(head + BEGIN + "\n\n" + generated(results) + "\n\n" + END + tail)
+
+
+if __name__ == "__main__":
+    write_docs(load_results())
+    print(f"wrote {DOC_PATH}")

@@ -1,0 +1,139 @@
+"""One real p2pcold peer (`p2pcold.peer.Peer`) with timers, for the utilisation benchmark.
+
+Usage: python -m benchmarks.utilisation_peer '<json options>' (driven by benchmarks/utilisation.py).
+Options: dataset (recipe path), run_dir, initial_peers, slow (bool), schedule (per iteration:
+{"budget": {...Budget fields}, "weighting": "uniform"|"examples"}), swarm (SwarmConfig fields).
+
+After setup it replies {maddrs}; on {"cmd": "train", "start_at": T} it trains from wall time T and
+replies with one record per iteration: wall-clock timestamps of the iteration start, of arriving at
+the boundary (calling fuse), of the fusion's end and of the iteration end, plus the training-loop
+seconds `finetune()` itself reports. The coordinator turns them into fractions.
+
+A "slow" peer runs at half speed: a forward pre-hook on the body sleeps, before each forward pass,
+as long as the previous step's real work took (so every step, training or evaluation, takes 2x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from benchmarks.common import peak_rss_mib, reply, serve, tree_pss_mib, wait_until
+from p2pcold.config import Budget, FinetuneConfig, RunConfig, SwarmConfig
+from p2pcold.peer import Peer
+from p2pcold.swarm import visible_maddrs
+
+
+class HalfSpeed:
+    """Forward pre-hook: sleep as long as the real work since the previous forward took."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: float | None = None
+        self.slept = 0.0
+        self.total_slept = 0.0
+
+    def __call__(self, module, args):
+        now = time.perf_counter()
+        if self.last is not None:
+            work = max(0.0, now - self.last - self.slept)
+            time.sleep(work)
+            self.slept = work
+            self.total_slept += work
+        self.last = time.perf_counter()
+
+
+class TimedPeer(Peer):
+    def __init__(self, *args, schedule: list[dict], slow: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule, self.slow = schedule, slow
+        self.records: list[dict] = []
+        self.halfspeed = HalfSpeed() if slow else None
+
+    def setup(self) -> None:
+        super().setup()
+        if self.halfspeed is not None:
+            self.body.register_forward_pre_hook(self.halfspeed)
+
+    def run_iteration(self, *args, **kwargs) -> None:
+        plan = self.schedule[self.iteration]
+        self.contributor.config.budget = Budget(**plan["budget"])
+        self.config.fusion_weighting = plan["weighting"]
+        self.record = {"iteration": self.iteration, "start": time.time()}
+        super().run_iteration(*args, **kwargs)
+        self.record["end"] = time.time()
+        self.records.append(self.record)
+
+    def _finetune(self, *args, **kwargs):
+        if self.halfspeed is not None:
+            self.halfspeed.reset()  # the boundary is not a training step
+        started = time.time()
+        contribution = super()._finetune(*args, **kwargs)
+        r = contribution.result
+        self.record.update(
+            finetune_call_s=time.time() - started,  # finetune() + the dev evaluation + copying the body out
+            train_s=r.seconds,  # finetune()'s own training-loop time (evaluation excluded)
+            examples=r.examples,
+            steps=r.steps,
+            stopped_by=r.stopped_by,
+            arrive=time.time(),  # at the boundary: what follows is waiting for the others, then fusion
+        )
+        return contribution
+
+    def _fuse(self, *args, **kwargs):
+        self.record.setdefault("fuse_calls", 0)
+        self.record["fuse_calls"] += 1
+        result = super()._fuse(*args, **kwargs)
+        self.record.update(fused=time.time(), group_size=result.group_size, status=result.status.value, total_weight=result.total_weight)
+        return result
+
+    def save_checkpoint(self, *args, **kwargs):
+        started = time.time()
+        path = super().save_checkpoint(*args, **kwargs)
+        if getattr(self, "record", None) is not None:
+            self.record["checkpoint_s"] = self.record.get("checkpoint_s", 0.0) + time.time() - started
+        return path
+
+
+def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    o = json.loads(sys.argv[1])
+    torch.set_num_threads(1)  # 4 peers share 2 cores
+    config = RunConfig(
+        model="minilm",
+        datasets=o["datasets"],
+        iterations=len(o["schedule"]),
+        seed=0,
+        finetune=FinetuneConfig(batch_size=16, max_length=64, num_threads=1),
+        run_id=o["run_id"],
+        swarm=SwarmConfig(**o["swarm"]),
+    )
+    peer = TimedPeer(config, o["dataset"], o["initial_peers"], o["run_dir"], device="cpu", schedule=o["schedule"], slow=o["slow"])
+    peer.record = None
+    try:
+        peer.setup()
+
+        def train(start_at: float) -> dict:
+            wait_until(start_at)
+            peer.train()
+            return {"records": peer.records, "slept_s": peer.halfspeed.total_slept if peer.halfspeed else 0.0}
+
+        def memory() -> dict:
+            return {"peak_rss_mib": peak_rss_mib(), "tree_pss_mib": tree_pss_mib(os.getpid())}
+
+        reply({"ready": True, "maddrs": visible_maddrs(peer.dht)})
+        serve({"train": train, "memory": memory})
+    finally:
+        peer.cleanup()
+
+
+if __name__ == "__main__":
+    main()
