@@ -140,6 +140,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/local"
     run_id: str = "p2pcold"
+    keep_checkpoints: int | None = 2  # newest checkpoints a peer keeps in its run folder (None: all)
     swarm: SwarmConfig = field(default_factory=lambda: SwarmConfig())  # networked modes only
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
 

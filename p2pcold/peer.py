@@ -360,7 +360,7 @@ class Peer:
         load_body_state(self.body, self.base)
         meta = CheckpointMeta(iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra={"dataset": self.name, "peer_id": self.peer_id})
         heads = {self.name: self.contributor.head_state} if self.contributor.head_state is not None else None
-        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads, keep_last=2)
+        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads, keep_last=self.config.keep_checkpoints)
 
     def cleanup(self) -> None:
         """Bounded: stops the progress thread, the averager, the DHT node and its p2pd daemon."""

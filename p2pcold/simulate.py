@@ -8,6 +8,7 @@ Run folder:
     config.yaml                  the resolved config; `--resume RUN_DIR` reads it back
     logs/NAME.log                one log per process
     peers/NAME/checkpoints/      each peer's last checkpoints (θ_i as Hugging Face folders)
+                                 (the first peer's are kept until the evaluator has used them)
     repository/checkpoints/      the Repository's θ_i (centralized mode)
     checkpoints/last, best       copies of the last and the best evaluated fused base
     results.csv / results.json   per iteration, per target dataset, per mode
@@ -83,12 +84,13 @@ def plan_peers(config: RunConfig, peers: int | None, gpus: list[int] | None) -> 
 def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> None:
     """Evaluate θ0, then each new fused base that appears in `source`, until the last iteration.
 
-    Runs in its own process. Skips bases already in results.json (resume); when it falls behind
-    it evaluates the newest base (the peers keep only their last checkpoints) and says so.
+    Runs in its own process. Skips bases already in results.json (resume); evaluates every due
+    iteration in order, however far behind the peers it is, and then deletes the source peer's
+    older checkpoints, which only the evaluator needed.
     """
     from p2pcold.evaluate import Evaluator
     from p2pcold.finetune import resolve_device
-    from p2pcold.model import body_state, latest_checkpoint, load_body, load_tokenizer, read_metadata
+    from p2pcold.model import body_state, load_body, load_tokenizer
     from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, write_results
 
     torch.set_num_threads(threads)
@@ -123,21 +125,36 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     every = config.eval.every or config.iterations
     while last < config.iterations:
         status("waiting", last)
-        checkpoint = latest_checkpoint(source)
-        iteration = read_metadata(checkpoint).iteration if checkpoint else 0
-        if iteration > last and (iteration % every == 0 or iteration == config.iterations):
-            try:  # copy first: the peer prunes its old checkpoints while we evaluate
-                copy_checkpoint(checkpoint, last_copy)
-            except OSError:
-                time.sleep(1.0)  # pruned or replaced while we copied it: take the newer one
-                continue
-            if iteration > last + 1 and every == 1:
-                log.warning("evaluator fell behind: evaluating iteration %d, skipping %d..%d", iteration, last + 1, iteration - 1)
-            record(body_state(load_body(str(last_copy))), "fused", iteration)
-            last = iteration
-        else:
+        ready = next_to_evaluate(source, last, every, config.iterations)
+        if ready is None:
             time.sleep(1.0)
+            continue
+        iteration, checkpoint = ready
+        copy_checkpoint(checkpoint, last_copy)
+        record(body_state(load_body(str(last_copy))), "fused", iteration)
+        last = iteration
+        for old in (source / "checkpoints").glob("iter-*"):  # evaluated: the source peer no longer needs them
+            if int(old.name.split("-")[1]) < iteration:
+                shutil.rmtree(old, ignore_errors=True)
     status("done", last)
+
+
+def next_to_evaluate(source: Path, after: int, every: int, final: int) -> tuple[int, Path] | None:
+    """The first complete checkpoint in `source` after iteration `after` that is due for evaluation
+    (every `every` iterations, and the final one); None until the peers have written it.
+
+    The source peer keeps all its checkpoints (simulate sets keep_checkpoints: null for it), so the
+    evaluator sees every iteration however far it falls behind."""
+    from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
+
+    newest = latest_checkpoint(source)
+    if newest is None:
+        return None
+    for iteration in range(after + 1, read_metadata(newest).iteration + 1):
+        path = checkpoint_path(source, iteration)
+        if (iteration % every == 0 or iteration == final) and path.is_dir():
+            return iteration, path
+    return None
 
 
 def best_iteration(results) -> int:
@@ -208,6 +225,8 @@ class Simulation:
         for plan in self.plans:
             args = ["-m", "p2pcold.cli", "peer", "--config", config_path, "--dataset", plan.dataset, "--initial-peers", self.maddr]
             args += ["--run-dir", str(self.run_dir / "peers" / plan.name), "--device", plan.device, "--set", f"finetune.num_threads={plan.threads}"]
+            if plan is self.plans[0] and not self.centralized:  # the evaluator's source: it prunes what it evaluated
+                args += ["--set", "keep_checkpoints=null"]
             if self.centralized:
                 args.append("--centralized")
             self._start(plan.name, args)
