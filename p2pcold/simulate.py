@@ -255,8 +255,10 @@ class Simulation:
         current = min(iterations) if iterations else 0
         evaluator = read_json(self.run_dir / "evaluator.json") if (self.run_dir / "evaluator.json").is_file() else {}
         elapsed = time.monotonic() - self.started
-        done_fraction = (current + (0.5 if iterations else 0)) / (total + 1)
-        eta = f"{elapsed / done_fraction - elapsed:.0f}s" if iterations and current > 0 else "?"
+        # The run is done when the peers reach the last iteration and the evaluator has evaluated it.
+        evaluated = evaluator.get("iteration", 0) if evaluator.get("phase") != "evaluating" else max(0, evaluator.get("iteration", 1) - 1)
+        done_fraction = (current + evaluated) / (2 * total)
+        eta = f"{elapsed / done_fraction - elapsed:.0f}s" if done_fraction > 0 else "?"
         phases = " ".join(f"{name}:{phase}@{it}" for name, (it, phase) in sorted(progress.items()))
         evaluating = f"{evaluator.get('phase', 'starting')}@{evaluator.get('iteration', 0)}"
         return f"iter {current}/{total} | peers alive {alive}/{len(self.plans)} | {phases} | eval {evaluating} | ETA {eta}"
