@@ -15,6 +15,7 @@ Run folder:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -72,8 +73,8 @@ class LocalRun:
         self.contributors = {spec.name: Contributor(spec, self.tokenizer, config.finetune, config.seed) for spec in specs}
         self.evaluator = None
         if config.eval.datasets:
-            eval_body = load_body(config.model, config.num_hidden_layers)
-            self.evaluator = Evaluator(config.eval, self.tokenizer, eval_body, config.seed, self.device, set(self.contributors))
+            # The evaluator loads each base into a working body of its own.
+            self.evaluator = Evaluator(config.eval, self.tokenizer, copy.deepcopy(self.body), config.seed, self.device, set(self.contributors))
         if latest_checkpoint(self.output_dir):
             self._resume()
         elif self.evaluator and config.eval.every:

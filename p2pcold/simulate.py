@@ -101,6 +101,7 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     seen = {load_dataset_spec(d).name for d in config.datasets}
     tokenizer = load_tokenizer(config.model)
     body = load_body(config.model, config.num_hidden_layers)
+    theta0 = body_state(body)  # before the evaluator loads bases into its working body
     evaluator = Evaluator(config.eval, tokenizer, body, config.seed, resolve_device(device), seen)
 
     def status(phase: str, iteration: int) -> None:
@@ -120,7 +121,7 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     last_copy = run_dir / "checkpoints" / "last"
     done = {r.iteration for r in results}
     if 0 not in done:
-        record(body_state(load_body(config.model, config.num_hidden_layers)), "pretrained", 0)
+        record(theta0, "pretrained", 0)
     last = max(done | {0})
     every = config.eval.every or config.iterations
     while last < config.iterations:
