@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from multiprocessing.reduction import ForkingPickler
 from typing import Sequence
 
 import hivemind
@@ -26,8 +27,40 @@ logger = get_logger(__name__)
 _DAEMONS: dict[int, set[tuple[int, int]]] = {}
 
 
+class _RequestPipe:
+    """The DHT process's end of its request pipe, dropping requests whose sender has exited.
+
+    A request carries its reply pipe as a file descriptor, which the DHT process fetches from the
+    sending process over a Unix socket while unpickling. When the sender has exited meanwhile (e.g. the
+    averager process stopping at shutdown with a periodic DHT store in flight), that fetch fails: hivemind
+    logs the ConnectionResetError or FileNotFoundError with a traceback and pauses 3 s, and an EOFError
+    (sender gone mid-handshake) escapes its handler and kills the DHT process. Nobody waits for such a
+    reply, so the request becomes a no-op and one warning line.
+    """
+
+    NO_OP = ("_dropped_request", [], {})
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def fileno(self) -> int:
+        return self._pipe.fileno()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._pipe.poll(timeout)
+
+    def recv(self):
+        message = self._pipe.recv_bytes()  # errors here concern the pipe itself: hivemind handles those
+        try:
+            return ForkingPickler.loads(message)
+        except (OSError, EOFError) as e:
+            logger.warning("DHT: dropped a request from a process that exited while sending it (%r)", e)
+            return self.NO_OP
+
+
 class _SwarmDHT(hivemind.DHT):
-    """hivemind.DHT whose process (and p2pd) exits within ~1 s when the peer's main process dies."""
+    """hivemind.DHT whose process (and p2pd) exits within ~1 s when the peer's main process dies, and
+    which survives requests from processes that exit while sending them (see `_RequestPipe`)."""
 
     def __init__(self, *args, **kwargs):
         self._p2pcold_parent = os.getpid()
@@ -36,7 +69,11 @@ class _SwarmDHT(hivemind.DHT):
     def run(self) -> None:
         _procs.reset_signal_handlers()
         _procs.exit_when_orphaned(self._p2pcold_parent)
+        self._inner_pipe = _RequestPipe(self._inner_pipe)
         super().run()
+
+    async def _dropped_request(self) -> None:
+        pass
 
 
 def listen_maddr(host: str, port: int) -> str:
