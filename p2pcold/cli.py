@@ -92,15 +92,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             bases.append((base, base, 0))
     num_layers = args.num_hidden_layers if args.num_hidden_layers is not None else run_config.num_hidden_layers
     device = resolve_device(args.device)
+
+    def load_base(source: str):  # p2pcold checkpoints already have their layer count
+        return load_body(source, None if (Path(source) / METADATA_FILE).is_file() else num_layers)
+
     first = bases[0][1]
     tokenizer = load_tokenizer(first)
     seen = set(eval_config.datasets) - set(eval_config.unseen) if eval_config.unseen else None
-    evaluator = Evaluator(eval_config, tokenizer, load_body(first, num_layers), args.seed, device, seen)
+    working_body = load_base(first)
+    first_state = body_state(working_body)  # before the evaluator loads bases into its working body
+    evaluator = Evaluator(eval_config, tokenizer, working_body, args.seed, device, seen)
     results = []
     with logging_redirect_tqdm():
         for label, source, iteration in bases:
-            layers = None if (Path(source) / METADATA_FILE).is_file() else num_layers
-            results += evaluator.evaluate(body_state(load_body(source, layers)), label, iteration)
+            state = first_state if source == first else body_state(load_base(source))
+            results += evaluator.evaluate(state, label, iteration)
     output = Path(args.output)
     csv_path, json_path = write_results(results, output)
     plot = plot_accuracy(results, output / "accuracy.png", title="p2pcold evaluate")
