@@ -23,6 +23,7 @@ needs on top of it:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import math
@@ -361,7 +362,10 @@ class BodyAverager:
                     if abort is not None and not control.began_allreduce and abort() and not control.began_allreduce:
                         control.cancel()
                         return False, _ABORTED
-        except Exception as e:  # hivemind raises AllreduceException / MatchmakingException / TimeoutError
+        except (Exception, asyncio.CancelledError) as e:
+            # hivemind raises AllreduceException / MatchmakingException / TimeoutError, and CancelledError
+            # (a BaseException) when the matchmaking of a step cancelled just before (an abort) is still
+            # winding down as this one starts; each is one failed attempt, retried within the deadline.
             return control.began_allreduce, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
         members: dict[str, GroupMember] = {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import torch
+from hivemind.averaging.matchmaking import Matchmaking
 
 from p2pcold.swarm import FusionStatus, iteration_group_bits
 
@@ -148,3 +150,31 @@ def test_lossy_compression_stays_close_to_the_exact_average(swarm):
         assert error.abs().max() < 0.5 * drift.abs().max()
         assert error.pow(2).mean().sqrt() < 0.1 * drift.pow(2).mean().sqrt()
         assert error.pow(2).mean() * 10 < raw_8bit[0].pow(2).mean()  # raw 8-bit weights are much worse
+
+
+_CANCELLED_ONCE = []  # per averager process: forked children inherit the patch and an empty list
+
+
+async def _look_for_group_cancelled_once(self, step):
+    if not _CANCELLED_ONCE:
+        _CANCELLED_ONCE.append(True)
+        raise asyncio.CancelledError()  # what a step meets when the previous step's search is winding down
+    return await _ORIGINAL_LOOK_FOR_GROUP(self, step)
+
+
+_ORIGINAL_LOOK_FOR_GROUP = Matchmaking.look_for_group
+
+
+@pytest.mark.timeout(90)
+def test_a_step_cancelled_inside_hivemind_is_one_failed_attempt_retried_within_the_deadline(swarm, monkeypatch):
+    """Seen once under load right after an abort: hivemind failed the next step with CancelledError,
+    a BaseException that escaped fuse(). It must be an ordinary failed attempt, and the retry fuses."""
+    config = fast_config()
+    dhts = swarm.start(2, config)
+    monkeypatch.setattr(Matchmaking, "look_for_group", _look_for_group_cancelled_once)  # before the averagers fork
+    averagers = [swarm.averager(dht, "cancelled", make_body(0), config) for dht in dhts]
+    bodies = [make_body(1), make_body(2)]
+    both = fuse_all(averagers, bodies, [0, 0], [1.0, 1.0], deadline=15.0)
+    for fused in both:
+        assert fused.ok and fused.group_size == 2 and fused.attempts >= 2, fused
+        assert_bodies_close(fused.averaged, weighted_mean(bodies, [1.0, 1.0]))
