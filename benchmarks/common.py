@@ -154,7 +154,7 @@ class Worker:
     """A Python subprocess in its own process group, driven over stdin/stdout with JSON lines.
 
     Replies are lines prefixed "@@ "; anything else the worker prints is passed through to stderr.
-    `close()` asks it to exit, then kills the whole process group (hivemind's DHT and averager
+    `close_all()` asks it to exit, then kills the whole process group (hivemind's DHT and averager
     processes and the p2pd daemons are in it), so nothing outlives the benchmark.
     """
 
@@ -200,17 +200,15 @@ class Worker:
         self.send(message)
         return self.receive(timeout)
 
-    def close(self, grace_s: float = 15.0) -> None:
+    def ask_to_exit(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.send({"cmd": "exit"})
                 self.proc.stdin.close()
             except (BrokenPipeError, OSError, ValueError):
                 pass
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def kill_group(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.pgid, sig)
@@ -226,12 +224,7 @@ class Worker:
 def close_all(ws: list[Worker], grace_s: float = 20.0) -> None:
     """Ask every worker to exit at once, give them `grace_s` together, then kill their groups."""
     for w in ws:
-        if w.proc.poll() is None:
-            try:
-                w.send({"cmd": "exit"})
-                w.proc.stdin.close()
-            except (BrokenPipeError, OSError, ValueError):
-                pass
+        w.ask_to_exit()
     deadline = time.monotonic() + grace_s
     for w in ws:
         try:
@@ -239,7 +232,7 @@ def close_all(ws: list[Worker], grace_s: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     for w in ws:
-        w.close(grace_s=0)
+        w.kill_group()
 
 
 def gather(ws: list[Worker], message: dict | list[dict], timeout: float) -> list[dict]:
