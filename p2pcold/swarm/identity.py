@@ -23,6 +23,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
+from p2pcold.swarm.records import dataclass_from_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 logger = get_logger(__name__)
@@ -82,13 +83,8 @@ class RunIdentity:
 
     @classmethod
     def from_record(cls, record: Any) -> "RunIdentity | None":
-        if not isinstance(record, dict):
-            return None
-        try:
-            identity = cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError):
-            return None
-        types_ok = (
+        identity = dataclass_from_record(cls, record)
+        types_ok = identity is not None and (
             isinstance(identity.run_id, str)
             and isinstance(identity.base_model, str)
             and isinstance(identity.body_hash, str)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import hivemind
 
-from p2pcold.swarm.records import get_records, put_record
+from p2pcold.swarm.records import dataclass_from_record, get_records, put_record
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -37,13 +37,8 @@ class PeerProgress:
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
-        if not isinstance(record, dict):
-            return None
-        try:
-            progress = cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError):
-            return None
-        if not (isinstance(progress.peer_id, str) and isinstance(progress.iteration, int)):
+        progress = dataclass_from_record(cls, record)
+        if progress is None or not (isinstance(progress.peer_id, str) and isinstance(progress.iteration, int)):
             return None
         return progress
 

@@ -3,6 +3,7 @@ per-iteration assignments). Every call is bounded by its `timeout`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import hivemind
@@ -14,6 +15,17 @@ from p2pcold.utils import P2PColdError
 def assignment_key(run_id: str) -> str:
     """Where the Repository publishes, per iteration, who contributes and who fuses."""
     return f"p2pcold/{run_id}/assignment"
+
+
+def dataclass_from_record(cls: type, record: object) -> Any:
+    """`cls` built from a DHT record holding one value per field, or None for anything else (records
+    come from other peers: a malformed one is ignored, never trusted)."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+    except (KeyError, TypeError):
+        return None
 
 
 def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float) -> bool:

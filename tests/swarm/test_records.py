@@ -1,0 +1,45 @@
+"""Records read from the DHT come from other peers: malformed ones are ignored, never trusted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from p2pcold.swarm import PeerProgress, RunIdentity
+
+PROGRESS = PeerProgress(peer_id="Qm1", dataset="sst2", iteration=3, phase="training", train_loss=0.5)
+IDENTITY = RunIdentity(
+    run_id="r", base_model="minilm", body_hash="ab" * 32, schema_hash="cd" * 32, protocol=1, founder="Qm1", created_at=1.0
+)
+
+
+@pytest.mark.parametrize("good", [PROGRESS, IDENTITY])
+def test_a_well_formed_record_round_trips(good):
+    assert type(good).from_record(dataclasses.asdict(good)) == good
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        None,
+        "not a dict",
+        {**dataclasses.asdict(PROGRESS), "iteration": "3"},  # wrong type
+        {k: v for k, v in dataclasses.asdict(PROGRESS).items() if k != "phase"},  # missing field
+        {**dataclasses.asdict(PROGRESS), "peer_id": 7},
+    ],
+)
+def test_malformed_progress_is_ignored(record):
+    assert PeerProgress.from_record(record) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [1, 2],
+        {**dataclasses.asdict(IDENTITY), "protocol": "1"},
+        {k: v for k, v in dataclasses.asdict(IDENTITY).items() if k != "body_hash"},
+    ],
+)
+def test_malformed_identity_is_ignored(record):
+    assert RunIdentity.from_record(record) is None
