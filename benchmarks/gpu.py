@@ -9,8 +9,9 @@ without CUDA re-reads the newest of those files instead, so the docs keep the la
 * Finetune throughput: `p2pcold.finetune.finetune()` on a RoBERTa-base-size body (random weights
   from `RobertaConfig()`; all-MiniLM-L6-v2's tokenizer, whose ids fit RoBERTa's vocabulary), in
   fp32 and bf16 autocast and with the usual levers (TF32, batch size, torch.compile, eager vs SDPA
-  attention). "rt128" rows read six consecutive Rotten Tomatoes snippets joined into one row, so
-  (nearly) every padded batch holds 128 tokens a row; "rt" rows read the snippets as they are (dynamic padding).
+  attention, and the paper's 32 × 256 tokens with 8-step accumulation). "rt128"/"rt256" rows join
+  consecutive Rotten Tomatoes snippets, so (nearly) every padded batch holds 128 or 256 tokens a
+  row; "rt" rows read the snippets as they are (dynamic padding).
   Model FLOPs per step: 6 × (linear weights) per token, + 12 · layers · T² · hidden for the
   attention products, counted from the padded batches the model really saw (a forward pre-hook).
   MFU = model FLOP/s over the measured bf16 (or fp32) matrix-product rate.
@@ -41,7 +42,6 @@ NO_GPU = "not measured: no GPU in this session"
 # Dense (no sparsity) rates of the H100/H200 SXM datasheet, TFLOP/s: the card's paper ceiling.
 DATASHEET_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
 LONG_TOKENS = 128
-SNIPPETS_PER_ROW = 6  # median snippet ~25 tokens: six make a row longer than 128, truncated to 128
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -74,9 +74,10 @@ def matmul_tflops(dtype_name: str, n: int = 8192, repeats: int = 10) -> float:
 # --------------------------------------------------------------------------- data and model
 
 
-def long_rows_recipe(workdir: Path) -> str:
-    """A recipe of rows of SNIPPETS_PER_ROW consecutive Rotten Tomatoes snippets (windows 2 apart, so
-    there are enough rows for one epoch of every variant: no partial batch, no new shape to compile)."""
+def long_rows_recipe(workdir: Path, tokens: int) -> str:
+    """A recipe whose rows join consecutive Rotten Tomatoes snippets (~25 tokens each) until a row
+    outgrows `tokens`: padded batches of (nearly) `tokens` a row. Windows start one snippet apart,
+    so there are enough rows for one epoch of every variant (no partial batch, no new shape)."""
     import pandas as pd
 
     from p2pcold.config import load_dataset_spec
@@ -86,12 +87,13 @@ def long_rows_recipe(workdir: Path) -> str:
     frame = pd.read_csv(package_file(spec.source))
     frame = frame[frame[spec.label_column].isin(spec.label_names)]
     texts, labels = frame[spec.text_column].astype(str).tolist(), frame[spec.label_column].tolist()
-    starts = range(0, len(texts) - SNIPPETS_PER_ROW + 1, 2)
-    rows = pd.DataFrame({"text": [" ".join(texts[i : i + SNIPPETS_PER_ROW]) for i in starts], "label": [labels[i] for i in starts]})
-    csv_path = workdir / "rotten_tomatoes_rows.csv"
+    per_row = tokens // 20 + 1
+    starts = range(len(texts) - per_row + 1)
+    rows = pd.DataFrame({"text": [" ".join(texts[i : i + per_row]) for i in starts], "label": [labels[i] for i in starts]})
+    csv_path = workdir / f"rotten_tomatoes_rows{tokens}.csv"
     rows.to_csv(csv_path, index=False)
-    recipe = workdir / "rt128.yaml"
-    recipe.write_text(json.dumps({"name": "rt128", "source": str(csv_path), "label_names": list(spec.label_names), "max_examples": 4000}))
+    recipe = workdir / f"rt{tokens}.yaml"
+    recipe.write_text(json.dumps({"name": f"rt{tokens}", "source": str(csv_path), "label_names": list(spec.label_names), "max_examples": 16000}))
     return str(recipe)
 
 
@@ -144,19 +146,23 @@ class FlopCounter:
 
 
 VARIANTS = [
-    # name, precision, data, batch, tf32, compile, attention
-    ("fp32", "fp32", "rt128", 32, False, False, None),
-    ("fp32 + TF32", "fp32", "rt128", 32, True, False, None),
-    ("bf16", "bf16", "rt128", 32, False, False, None),
-    ("bf16, eager attention", "bf16", "rt128", 32, False, False, "eager"),
-    ("bf16, batch 128", "bf16", "rt128", 128, False, False, None),
-    ("bf16, batch 128, torch.compile", "bf16", "rt128", 128, False, True, None),
-    ("fp32, Rotten Tomatoes as is", "fp32", "rt", 32, False, False, None),
-    ("bf16, Rotten Tomatoes as is", "bf16", "rt", 32, False, False, None),
+    # name, precision, data (rt128, rt256: long rows; rt: the snippets as they are), batch, max_length,
+    # gradient accumulation, tf32, torch.compile, attention (None: transformers' default, SDPA)
+    ("fp32", "fp32", "rt128", 32, 128, 1, False, False, None),
+    ("fp32 + TF32", "fp32", "rt128", 32, 128, 1, True, False, None),
+    ("bf16", "bf16", "rt128", 32, 128, 1, False, False, None),
+    ("bf16, eager attention", "bf16", "rt128", 32, 128, 1, False, False, "eager"),
+    ("bf16, batch 128", "bf16", "rt128", 128, 128, 1, False, False, None),
+    ("bf16, batch 128, torch.compile", "bf16", "rt128", 128, 128, 1, False, True, None),
+    ("bf16, batch 256", "bf16", "rt128", 256, 128, 1, False, False, None),
+    ("bf16, batch 512", "bf16", "rt128", 512, 128, 1, False, False, None),
+    ("bf16, paper setting: 32 x 256 tokens, accumulation 8", "bf16", "rt256", 32, 256, 8, False, False, None),
+    ("fp32, Rotten Tomatoes as is", "fp32", "rt", 32, 128, 1, False, False, None),
+    ("bf16, Rotten Tomatoes as is", "bf16", "rt", 32, 128, 1, False, False, None),
 ]
 
 
-def finetune_row(name, precision, data_name, batch, tf32, compiled, attention, datasets, tokenizer, steps, ceilings) -> dict:
+def finetune_row(name, precision, data_name, batch, max_length, accumulation, tf32, compiled, attention, datasets, tokenizer, steps, ceilings) -> dict:
     import torch
 
     from p2pcold.config import Budget, FinetuneConfig
@@ -164,8 +170,9 @@ def finetune_row(name, precision, data_name, batch, tf32, compiled, attention, d
     from p2pcold.model import Classifier, new_head
 
     data = datasets[data_name]
-    row = {"variant": name, "precision": precision, "data": data_name, "batch": batch, "max_length": LONG_TOKENS,
-           "tf32": tf32, "compile": compiled, "steps": steps}
+    steps = min(steps, len(data.train) // (batch * accumulation))  # one epoch: every batch full, one shape
+    row = {"variant": name, "precision": precision, "data": data_name, "batch": batch, "max_length": max_length,
+           "gradient_accumulation": accumulation, "tf32": tf32, "compile": compiled, "steps": steps}
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     model = Classifier(roberta_base(attention), new_head(768, data.num_labels, seed=0))
@@ -174,7 +181,7 @@ def finetune_row(name, precision, data_name, batch, tf32, compiled, attention, d
     try:
         if compiled:
             model.body.compile()  # the body only: the FLOP counter's hook on the Classifier stays eager
-        config = FinetuneConfig(batch_size=batch, max_length=LONG_TOKENS, precision=precision, budget=Budget(steps=steps))
+        config = FinetuneConfig(batch_size=batch, gradient_accumulation=accumulation, max_length=max_length, precision=precision, budget=Budget(steps=steps))
         device = torch.device("cuda")
         warm_started = time.perf_counter()
         finetune(model, data, tokenizer, config, seed=0, device=device)  # warm-up: kernels, allocator, compilation
@@ -305,7 +312,7 @@ class GpuMemorySampler:
         self._thread.join(15)
 
 
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d) ")  # p2pcold's log lines start with %H:%M:%S
 
 
 def _log_events(path: Path, pattern: str) -> list[tuple[float, str]]:
@@ -313,7 +320,8 @@ def _log_events(path: Path, pattern: str) -> list[tuple[float, str]]:
     for line in path.read_text(errors="replace").splitlines():
         match = LOG_TIME.match(line)
         if match and re.search(pattern, line):
-            stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1e3
+            hours, minutes, seconds = (int(g) for g in match.groups())
+            stamp = 3600 * hours + 60 * minutes + seconds
             events.append((stamp, line))
     return events
 
@@ -351,7 +359,8 @@ def simulate_row(workdir: Path, tokenizer, peers: int, iterations: int, steps: i
     row["wall_s"] = round(time.perf_counter() - started, 1)
     row["peak_gpu_used_mib"] = sampler.peak_used_mib
     row["peak_gpu_per_process_mib"] = sorted(sampler.peak_per_process_mib.values(), reverse=True)
-    # Per peer: the time between its successive "fused" lines is one iteration (finetune + boundary + checkpoint).
+    # Per peer: the time between its successive "fused" lines is one iteration (finetune + boundary +
+    # checkpoint), to the second of the log's clock.
     iteration_s, finetune_rates = [], []
     for log_path in sorted((run_dir / "logs").glob("peer*.log")):
         fused = _log_events(log_path, r"iteration \d+: fused with a group of")
@@ -401,7 +410,8 @@ def measure(quick: bool = False, simulate_timeout_s: float = 150.0, save=lambda 
     with tempfile.TemporaryDirectory(prefix="p2pcold-gpu-") as tmp:
         workdir = Path(tmp)
         datasets = {
-            "rt128": prepare_dataset(load_dataset_spec(long_rows_recipe(workdir)), tokenizer, LONG_TOKENS),
+            "rt128": prepare_dataset(load_dataset_spec(long_rows_recipe(workdir, 128)), tokenizer, 128),
+            "rt256": prepare_dataset(load_dataset_spec(long_rows_recipe(workdir, 256)), tokenizer, 256),
             "rt": prepare_dataset(load_dataset_spec("rotten_tomatoes"), tokenizer, LONG_TOKENS),
         }
         for data in datasets.values():

@@ -167,9 +167,9 @@ def finetune(
 
     epoch = 0
     while not stopped_by:
-        loader = make_loader(train, tokenizer, config.batch_size, shuffle=True, seed=seed + epoch)
+        loader = make_loader(train, tokenizer, config.batch_size, shuffle=True, seed=seed + epoch, cuda=device.type == "cuda")
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(config, device):
                 logits = model(batch)  # (B, C)
                 loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
