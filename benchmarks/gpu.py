@@ -41,7 +41,7 @@ RAW_DIR = ROOT / "benchmarks" / "gpu"
 NO_GPU = "not measured: no GPU in this session"
 # Dense (no sparsity) rates of the H100/H200 SXM datasheet, TFLOP/s: the card's paper ceiling.
 DATASHEET_TFLOPS = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}
-LONG_TOKENS = 128
+MAX_LENGTH = 128  # tokens, where a row of the benchmark names no other
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -193,15 +193,15 @@ def finetune_row(name, precision, data_name, batch, max_length, accumulation, tf
         result = finetune(model, data, tokenizer, config, seed=1, device=device)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - started  # the whole call: loader and optimizer set-up included
-        ceiling = ceilings["bf16"] if precision == "bf16" else ceilings["tf32" if tf32 else "fp32"]
+        kind = "bf16" if precision == "bf16" else ("tf32" if tf32 else "fp32")  # the matrix rate this run can reach
         row.update(
             examples=result.examples,
             seconds=round(elapsed, 3),
             examples_per_s=round(result.examples / elapsed, 1),
             tokens_per_example=round(counter.tokens / max(counter.rows, 1), 1),
             model_tflops=round(counter.flops / elapsed / 1e12, 1),
-            mfu=round(counter.flops / elapsed / 1e12 / ceiling, 4),
-            mfu_datasheet=round(counter.flops / elapsed / 1e12 / DATASHEET_TFLOPS["bf16" if precision == "bf16" else ("tf32" if tf32 else "fp32")], 4),
+            mfu=round(counter.flops / elapsed / 1e12 / ceilings[kind], 4),
+            mfu_datasheet=round(counter.flops / elapsed / 1e12 / DATASHEET_TFLOPS[kind], 4),
             peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2**20),
             train_loss=round(result.train_loss, 4),
         )
@@ -241,9 +241,9 @@ def optimizer_row(optimizer_name, precision, data, tokenizer, steps) -> dict:
     from p2pcold.finetune import autocast, finetune, make_optimizer
     from p2pcold.model import Classifier, new_head
 
-    row = {"optimizer": optimizer_name, "precision": precision, "batch": 32, "max_length": LONG_TOKENS, "steps": steps}
+    row = {"optimizer": optimizer_name, "precision": precision, "batch": 32, "max_length": MAX_LENGTH, "steps": steps}
     device = torch.device("cuda")
-    config = FinetuneConfig(batch_size=32, max_length=LONG_TOKENS, optimizer=optimizer_name, precision=precision, budget=Budget(steps=steps))
+    config = FinetuneConfig(batch_size=32, max_length=MAX_LENGTH, optimizer=optimizer_name, precision=precision, budget=Budget(steps=steps))
     model = Classifier(roberta_base(), new_head(768, data.num_labels, seed=0)).to(device)
     try:
         row["params"] = sum(p.numel() for p in model.parameters())
@@ -338,7 +338,7 @@ def simulate_row(workdir: Path, tokenizer, peers: int, iterations: int, steps: i
         "model": str(model_dir),
         "datasets": [f"rotten_tomatoes@{i}/{peers}" for i in range(peers)],
         "iterations": iterations,
-        "finetune": {"batch_size": 32, "max_length": LONG_TOKENS, "budget": {"steps": steps}, "head": "reinit"},
+        "finetune": {"batch_size": 32, "max_length": MAX_LENGTH, "budget": {"steps": steps}, "head": "reinit"},
         "eval": {"datasets": []},
         "output_dir": str(run_dir),
         "run_id": "gpu-simulate",
@@ -383,7 +383,7 @@ def simulate_row(workdir: Path, tokenizer, peers: int, iterations: int, steps: i
 # --------------------------------------------------------------------------- entry points
 
 
-def measure(quick: bool = False, simulate_timeout_s: float = 150.0, save=lambda result: None, variants: list[str] | None = None) -> dict:
+def measure(quick: bool = False, simulate_timeout_s: float = 150.0, save=lambda result: None, variants: list[str] | None = None, steps: int | None = None) -> dict:
     """Every measurement (or the ceilings and the named finetune `variants` only); `save(result)` after
     each phase, so a run cut short keeps what it measured."""
     import torch
@@ -405,14 +405,14 @@ def measure(quick: bool = False, simulate_timeout_s: float = 150.0, save=lambda 
     result["measured_tflops"] = {name: round(matmul_tflops(name), 1) for name in ("bf16", "tf32", "fp32")}
     log(f"gpu ceilings on {props.name}: {result['measured_tflops']} TFLOP/s")
     save(result)
-    steps = 10 if quick else 30
+    steps = steps or (10 if quick else 30)
     tokenizer = load_tokenizer("minilm")
     with tempfile.TemporaryDirectory(prefix="p2pcold-gpu-") as tmp:
         workdir = Path(tmp)
         datasets = {
             "rt128": prepare_dataset(load_dataset_spec(long_rows_recipe(workdir, 128)), tokenizer, 128),
             "rt256": prepare_dataset(load_dataset_spec(long_rows_recipe(workdir, 256)), tokenizer, 256),
-            "rt": prepare_dataset(load_dataset_spec("rotten_tomatoes"), tokenizer, LONG_TOKENS),
+            "rt": prepare_dataset(load_dataset_spec("rotten_tomatoes"), tokenizer, MAX_LENGTH),
         }
         for data in datasets.values():
             data.dev = data.dev.select([])  # no evaluation inside finetune(): throughput only
@@ -433,16 +433,31 @@ def measure(quick: bool = False, simulate_timeout_s: float = 150.0, save=lambda 
     return result
 
 
-def raw_path(device_name: str) -> Path:
-    return RAW_DIR / (re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ".json")
+def raw_path(device_name: str, companion: str | None = None) -> Path:
+    """benchmarks/gpu/<card>.json, or a companion measurement of the same card: <card>.<companion>.json."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    return RAW_DIR / (f"{slug}.{companion}.json" if companion else f"{slug}.json")
+
+
+# Measurements made beside a card's main file (`--variants ... --out`), shown with it in the docs.
+COMPANIONS = ("before-change", "loader-workers-2", "loader-workers-0")
 
 
 def latest_raw() -> dict | None:
-    files = sorted(RAW_DIR.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("started", ""))
+    """The newest card's main file (started last), with its companions under "companions"."""
+    files = [p for p in RAW_DIR.glob("*.json") if p.name.count(".") == 1]
     if not files:
         return None
-    raw = json.loads(files[-1].read_text())
-    raw["source"] = str(files[-1].relative_to(ROOT))
+    newest = max(files, key=lambda p: json.loads(p.read_text()).get("started", ""))
+    raw = json.loads(newest.read_text())
+    raw["source"] = str(newest.relative_to(ROOT))
+    if "simulate" in raw:  # the processes' logs stay in the raw file
+        raw["simulate"] = {k: v for k, v in raw["simulate"].items() if k not in ("logs_tail", "output_tail")}
+    raw["companions"] = {}
+    for name in COMPANIONS:
+        path = raw_path(raw["device"], name)
+        if path.is_file():
+            raw["companions"][name] = {**json.loads(path.read_text()), "source": str(path.relative_to(ROOT))}
     return raw
 
 
@@ -453,9 +468,7 @@ def run(quick: bool = False) -> dict:
     if torch.cuda.is_available():
         RAW_DIR.mkdir(exist_ok=True)
         path = raw_path(torch.cuda.get_device_name(0))
-        raw = measure(quick, save=lambda result: path.write_text(json.dumps(result, indent=2) + "\n"))
-        raw["source"] = str(path.relative_to(ROOT))
-        return raw
+        measure(quick, save=lambda result: path.write_text(json.dumps(result, indent=2) + "\n"))
     return latest_raw() or {"skipped": NO_GPU}
 
 
@@ -465,7 +478,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Measure the GPU rows (needs CUDA); writes benchmarks/gpu/<card>.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variants", nargs="+", help="only the ceilings and these finetune variants, written to --out only")
-    parser.add_argument("--out", type=Path, help="with --variants: where to write the result")
+    parser.add_argument("--out", type=Path, help="with --variants: where to write the result (a companion file: see COMPANIONS)")
+    parser.add_argument("--steps", type=int, help="with --variants: optimizer steps per timed run (default 30)")
+    parser.add_argument("--loader-workers", type=int, help="with --variants: loader workers on CUDA (default: p2pcold's)")
     args = parser.parse_args()
     import torch
 
@@ -473,7 +488,12 @@ if __name__ == "__main__":
         print(f"p2pcold: error: {NO_GPU}", file=sys.stderr)
         sys.exit(2)
     if args.variants:
-        raw = measure(args.quick, save=lambda result: args.out.write_text(json.dumps(result, indent=2) + "\n"), variants=args.variants)
+        from p2pcold.data import prepare
+
+        if args.loader_workers is not None:
+            prepare.CUDA_LOADER_WORKERS = args.loader_workers  # a lever to compare, not a setting of p2pcold's
+        save = lambda result: args.out.write_text(json.dumps({**result, "loader_workers": prepare.CUDA_LOADER_WORKERS}, indent=2) + "\n")
+        raw = measure(args.quick, save=save, variants=args.variants, steps=args.steps)
     else:
         raw = run(args.quick)
     print(json.dumps({k: v for k, v in raw.items() if k != "simulate"}, indent=2))

@@ -65,10 +65,10 @@ def make_loader(
     so every process that builds this loader sees the same batches; each pass over it draws a
     new order from the same seeded generator.
 
-    `cuda`: batches for a GPU. Reading and padding rows costs the host ~0.1 ms a row, as much as
-    the GPU's whole step at RoBERTa-base size, so worker processes collate while the GPU computes,
-    into pinned memory; lengths round up to a multiple of 8, which suits the tensor cores and
-    leaves few distinct shapes for the kernels to be planned for.
+    `cuda`: batches for a GPU. At small batches, reading and padding the rows is a good part of a
+    step's time on the host, so worker processes collate while the GPU computes, into pinned
+    memory; lengths round up to a multiple of 8, which suits the tensor cores and leaves few
+    distinct shapes for the kernels to be planned for (docs/performance.md, section 6).
     """
     return DataLoader(
         split,
