@@ -32,6 +32,8 @@ def _section(results: dict, name: str) -> tuple[dict | None, str]:
         return None, f"_Not run yet: `python -m benchmarks.run --only {name}`._"
     if "error" in entry:
         return None, f"_Failed in the last run: {entry['error']}_"
+    if "skipped" in entry["result"]:  # the section ran but had nothing to measure (no GPU, no fits)
+        return None, f"_{entry['result']['skipped']}_"
     note = f"_{entry['seconds']:.0f} s, {entry['finished']}{', --quick' if entry.get('quick') else ''}._"
     return entry["result"], note
 
@@ -347,8 +349,6 @@ def gpu(results: dict) -> str:
     g, note = _section(results, "gpu")
     if g is None:
         return note
-    if "skipped" in g:
-        return f"_{g['skipped']}_"
     ceilings = [[kind, fmt(g["measured_tflops"][kind], 1), fmt(g["datasheet_tflops"][kind], 1)] for kind in ("bf16", "tf32", "fp32")]
     out = [
         f"Card: {g['device']} ({g['device_memory_gib']} GiB), torch {g['torch']}, transformers {g['transformers']}; measured "
@@ -371,8 +371,6 @@ def scaling(results: dict) -> str:
     r, note = _section(results, "scaling")
     if r is None:
         return note
-    if "skipped" in r:
-        return f"_{r['skipped']}_"
     fit = r["fits"].get("p2pcold-none")
     if not fit:
         return "_No fit._"
