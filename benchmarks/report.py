@@ -32,6 +32,8 @@ def _section(results: dict, name: str) -> tuple[dict | None, str]:
         return None, f"_Not run yet: `python -m benchmarks.run --only {name}`._"
     if "error" in entry:
         return None, f"_Failed in the last run: {entry['error']}_"
+    if "skipped" in entry["result"]:  # the section ran but had nothing to measure (no GPU, no fits)
+        return None, f"_{entry['result']['skipped']}_"
     note = f"_{entry['seconds']:.0f} s, {entry['finished']}{', --quick' if entry.get('quick') else ''}._"
     return entry["result"], note
 
@@ -261,23 +263,107 @@ def memory(results: dict) -> str:
         return note
     rows = [[row["what"], fmt(row["peak_rss_mib"], 0), fmt(row["tree_pss_mib"], 0)] for row in r["cpu"]]
     out = [_table(["process (CPU)", "peak RSS of the peer process (MiB)", "PSS of its process tree, incl. hivemind (MiB)"], rows), ""]
-    gpu = r["gpu"]
-    if "skipped" in gpu:
-        gpu_rows = [
-            [f"RoBERTa-base, {opt}, {prec}, batch 32 × 128", gpu["skipped"], gpu["skipped"]]
-            for opt in ("AdamW", "AdamW8bit (bitsandbytes)")
-            for prec in ("fp32", "bf16")
-        ]
-    else:
-        gpu_rows = [
+    out += ["GPU rows (peak CUDA memory, AdamW vs AdamW8bit): section 6."]
+    return "\n".join(out + ["", note])
+
+
+def _gpu_finetune(g: dict) -> list[str]:
+    before = {row["variant"]: row for row in g.get("companions", {}).get("before-change", {}).get("finetune", [])}
+    rows = []
+    for row in g["finetune"]:
+        shape = f"{row['batch']} × {row['max_length']}" + (f" × {row['gradient_accumulation']}" if row.get("gradient_accumulation", 1) > 1 else "")
+        if "error" in row:
+            rows.append([row["variant"], row["data"], shape, row["error"]] + ["–"] * 7)
+            continue
+        old = before.get(row["variant"], {})
+        ratio = row["examples_per_s"] / old["examples_per_s"] if old.get("examples_per_s") else None
+        rows.append(
             [
-                f"RoBERTa-base, {row['optimizer']}, {row['precision']}, batch {row['batch']} × {row['max_length']}",
-                fmt(row.get("peak_cuda_mib"), 0) if "error" not in row else row["error"],
-                fmt(row.get("examples_per_s"), 1) if "error" not in row else "–",
+                row["variant"], row["data"], shape, row["steps"], fmt(row["examples_per_s"], 0), fmt(row["model_tflops"], 1),
+                f"**{_pct(row['mfu'])}**" if row["precision"] == "bf16" else _pct(row["mfu"]), _pct(row["mfu_datasheet"]),
+                fmt(row["peak_cuda_mib"], 0), fmt(old.get("examples_per_s"), 0), fmt(ratio, 2),
             ]
-            for row in gpu["rows"]
-        ]
-    out += [_table([f"GPU ({gpu.get('device', 'none')})", "peak CUDA memory (MiB)", "ex/s"], gpu_rows)]
+        )
+    header = ["variant", "data", "batch × tokens (× accumulation)", "steps", "ex/s", "model TFLOP/s", "MFU (measured peak)",
+              "MFU (datasheet)", "peak CUDA memory (MiB)", "ex/s before this change", "after / before"]
+    bf16 = [row for row in g["finetune"] if row["precision"] == "bf16" and "mfu" in row]
+    best = max(bf16, key=lambda row: row["mfu"]) if bf16 else None
+    target = (
+        f"Target: MFU ≥ 40 % in bf16 → {_mark(best['mfu'] >= 0.40)} (best: {_pct(best['mfu'])}, {best['variant']})."
+        if best else "Target: MFU ≥ 40 % in bf16 → –."
+    )
+    return [_table(header, rows), "", target]
+
+
+def _gpu_loader(g: dict) -> list[str]:
+    runs = {name: g.get("companions", {}).get(f"loader-workers-{name}") for name in ("2", "0")}
+    if not all(runs.values()):
+        return []
+    zero = {row["variant"]: row for row in runs["0"]["finetune"]}
+    rows = [
+        [row["variant"], row["steps"], fmt(row.get("examples_per_s"), 0), fmt(zero.get(row["variant"], {}).get("examples_per_s"), 0),
+         fmt(row["examples_per_s"] / zero[row["variant"]]["examples_per_s"], 2) if row.get("examples_per_s") and zero.get(row["variant"], {}).get("examples_per_s") else "–"]
+        for row in runs["2"]["finetune"]
+    ]
+    return [
+        f"Loader lever, longer timed runs (up to one epoch, ≤ 120 steps; `{runs['2']['source']}`, `{runs['0']['source']}`, one call, workers 2 first):",
+        "",
+        _table(["variant", "steps", "ex/s, 2 loader workers (p2pcold on CUDA)", "ex/s, loader in the main process", "ratio"], rows),
+    ]
+
+
+def _gpu_optimizer(g: dict) -> list[str]:
+    adamw = {row["precision"]: row.get("optimizer_state_mib") for row in g["optimizer"] if row["optimizer"] == "adamw"}
+    rows, ratios = [], []
+    for row in g["optimizer"]:
+        if "error" in row:
+            rows.append([row["optimizer"], row["precision"], row["error"], "–", "–", "–"])
+            continue
+        ratio = row["optimizer_state_mib"] / adamw[row["precision"]] if adamw.get(row["precision"]) else None
+        if row["optimizer"] == "adamw8bit":
+            ratios.append(ratio)
+        rows.append([row["optimizer"], row["precision"], fmt(row["optimizer_state_mib"], 1), _pct(ratio), fmt(row["peak_cuda_mib"], 0), fmt(row["examples_per_s"], 0)])
+    header = ["optimizer", "precision", "optimizer state (MiB)", "vs AdamW", "peak CUDA memory in finetune() (MiB)", "ex/s"]
+    target = f"Target: AdamW8bit state ≤ 30 % of AdamW's → {_mark(max(ratios) <= 0.30) if ratios and None not in ratios else '–'}."
+    return [_table(header, rows), "", target]
+
+
+def _gpu_simulate(g: dict) -> list[str]:
+    s = g.get("simulate")
+    if not s:
+        return []
+    if s.get("exit_code") != 0:
+        return [f"`p2pcold simulate` on the card failed: {s.get('error') or 'exit code ' + str(s.get('exit_code'))}."]
+    rows = [[
+        s["peers"], s["precision"], f"{s['iterations']} × {s['steps']} steps × {s['batch']}", fmt(s["iteration_s_median"], 1),
+        ", ".join(fmt(x, 0) for x in s["iteration_s"]), fmt(s["finetune_examples_per_s_median"], 0), fmt(s["wall_s"], 0),
+        fmt(s["peak_gpu_used_mib"], 0), ", ".join(str(x) for x in s["peak_gpu_per_process_mib"]),
+    ]]
+    header = ["peers", "precision", "iterations × budget × batch", "s per iteration (median)", "each peer's iterations (s)",
+              "finetune ex/s per peer (median)", "wall incl. start (s)", "peak card memory (MiB)", "peak per process (MiB)"]
+    command = ["p2pcold", "simulate", "CONFIG"] + s["command"].split()[3:]  # the config was a temporary file
+    return [f"`{' '.join(command)}` (Rotten Tomatoes in {s['peers']} shards, RoBERTa-base-size body, no evaluation):", "", _table(header, rows)]
+
+
+def gpu(results: dict) -> str:
+    g, note = _section(results, "gpu")
+    if g is None:
+        return note
+    ceilings = [[kind, fmt(g["measured_tflops"][kind], 1), fmt(g["datasheet_tflops"][kind], 1)] for kind in ("bf16", "tf32", "fp32")]
+    out = [
+        f"Card: {g['device']} ({g['device_memory_gib']} GiB), torch {g['torch']}, transformers {g['transformers']}; measured "
+        f"{g['started']} – {g.get('finished', '?')} (`{g['source']}`). RoBERTa-base-size body "
+        f"({fmt(g['optimizer'][0].get('params', float('nan')) / 1e6, 1)} M parameters with the head, random weights), "
+        "`p2pcold.finetune.finetune()`, AdamW unless said otherwise.",
+        "",
+        _table(["8192³ matrix product", "measured TFLOP/s (random data)", "datasheet, dense (TFLOP/s)"], ceilings),
+        "",
+    ]
+    out += _gpu_finetune(g)
+    before = g.get("companions", {}).get("before-change")
+    if before:
+        out += ["", f"Before this change: the previous `finetune.py` and `data/prepare.py`, measured in the same call (`{before['source']}`)."]
+    out += [""] + _gpu_loader(g) + [""] + _gpu_optimizer(g) + [""] + _gpu_simulate(g)
     return "\n".join(out + ["", note])
 
 
@@ -285,8 +371,6 @@ def scaling(results: dict) -> str:
     r, note = _section(results, "scaling")
     if r is None:
         return note
-    if "skipped" in r:
-        return f"_{r['skipped']}_"
     fit = r["fits"].get("p2pcold-none")
     if not fit:
         return "_No fit._"
@@ -342,6 +426,8 @@ def generated(results: dict) -> str:
         memory(results),
         "### 5. Scaling",
         scaling(results),
+        "### 6. GPU",
+        gpu(results),
     ]
     return "\n\n".join(parts)
 

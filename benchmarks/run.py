@@ -1,6 +1,6 @@
 """Run the benchmark suite: `make bench`, `python -m benchmarks.run` or `python benchmarks/run.py`.
 
-    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory); the
+    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory, gpu); the
                              others keep their previous results in benchmarks/results.json
     --quick                  fewer repeats and configurations (a smoke test, ~5 minutes)
     --no-docs                do not regenerate docs/performance.md
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 
 from benchmarks import common  # noqa: E402
 
-ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory"]  # scaling and memory read the others
+ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory", "gpu"]  # scaling and memory read the others
 
 
 def _module(name: str):
@@ -36,6 +36,7 @@ def _module(name: str):
             "utilisation": "benchmarks.utilisation",
             "scaling": "benchmarks.scaling",
             "memory": "benchmarks.memory",
+            "gpu": "benchmarks.gpu",
         }[name]
     )
 

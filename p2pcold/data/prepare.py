@@ -50,23 +50,34 @@ def prepare_dataset(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, max_l
     return PreparedDataset(name=spec.name, label_names=list(spec.label_names), **splits)
 
 
+CUDA_LOADER_WORKERS = 2  # collate in the background: one process keeps up with a GPU step, two leave slack
+
+
 def make_loader(
     split: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     shuffle: bool,
     seed: int,
+    cuda: bool = False,
 ) -> DataLoader:
     """Batches padded to their own longest row. With shuffle, the order depends only on `seed`,
     so every process that builds this loader sees the same batches; each pass over it draws a
-    new order from the same seeded generator."""
+    new order from the same seeded generator.
+
+    `cuda`: batches for a GPU. At small batches, reading and padding the rows is a good part of a
+    step's time on the host, so worker processes collate while the GPU computes, into pinned
+    memory; lengths round up to a multiple of 8, which suits the tensor cores and leaves few
+    distinct shapes for the kernels to be planned for (docs/performance.md, section 6).
+    """
     return DataLoader(
         split,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        collate_fn=DataCollatorWithPadding(tokenizer),
-        num_workers=0,
+        collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None),
+        num_workers=CUDA_LOADER_WORKERS if cuda else 0,
+        pin_memory=cuda,
     )
 
 

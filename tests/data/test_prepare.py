@@ -80,3 +80,18 @@ def test_few_shot(prepared):
     assert len(few_shot(prepared.train, 1000, seed=1)) == len(prepared.train)
     with pytest.raises(P2PColdError):
         few_shot(prepared.train, 0, seed=1)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # no accelerator here: pinning is skipped
+def test_cuda_loader_same_batches_padded_to_a_multiple_of_8(prepared, tokenizer):
+    def batches(cuda):
+        return list(make_loader(prepared.train, tokenizer, batch_size=8, shuffle=True, seed=5, cuda=cuda))
+
+    plain, for_gpu = batches(False), batches(True)  # for_gpu: collated by worker processes
+    assert len(plain) == len(for_gpu)
+    for a, b in zip(plain, for_gpu):
+        assert b["input_ids"].shape[1] % 8 == 0 and b["input_ids"].shape[1] >= a["input_ids"].shape[1]
+        assert b["labels"].tolist() == a["labels"].tolist()  # same rows in the same order
+        assert b["attention_mask"].sum(1).tolist() == a["attention_mask"].sum(1).tolist()  # padding only
+        width = a["input_ids"].shape[1]
+        assert torch.equal(b["input_ids"][:, :width], a["input_ids"])
