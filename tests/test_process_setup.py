@@ -17,27 +17,42 @@ import pytest
 from p2pcold.utils import Terminated, raise_on_sigterm, recipes_dir, setup_process
 
 PROBE = """
-import json
+import json, logging
 import datasets, transformers
-import p2pcold.cli, p2pcold.simulate, p2pcold.local_run, p2pcold.evaluate, p2pcold.data.prepare
+from hivemind.compression import quantization
+import p2pcold.cli, p2pcold.simulate, p2pcold.local_run, p2pcold.peer, p2pcold.evaluate, p2pcold.data.prepare
+from p2pcold.swarm import _compat
 from p2pcold.utils import setup_process
 
-def bars():
-    return {"transformers": transformers.utils.logging.is_progress_bar_enabled(), "datasets": datasets.is_progress_bar_enabled()}
+def state():
+    return {
+        "transformers_bars": transformers.utils.logging.is_progress_bar_enabled(),
+        "datasets_bars": datasets.is_progress_bar_enabled(),
+        "hivemind_fixes": _compat.is_applied(),
+        "averager_log_filters": len(logging.getLogger("hivemind.averaging.averager").filters),
+        "extract_patched": quantization.Quantization.extract is _compat._extract_fixed,
+    }
 
-after_import = bars()
+after_import = state()
 setup_process()
 setup_process()
-print(json.dumps({"after_import": after_import, "after_setup": bars()}))
+_compat.apply()  # what start_dht calls
+_compat.apply()
+print(json.dumps({"after_import": after_import, "after_setup_twice": state()}))
 """
 
 
 @pytest.mark.timeout(120)
-def test_imports_leave_progress_bars_alone_and_setup_process_turns_them_off():
+def test_imports_change_no_global_state_and_each_setup_is_idempotent():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
     states = json.loads(out.stdout.strip().splitlines()[-1])
-    assert states == {"after_import": {"transformers": True, "datasets": True}, "after_setup": {"transformers": False, "datasets": False}}
+    assert states["after_import"] == {
+        "transformers_bars": True, "datasets_bars": True, "hivemind_fixes": False, "averager_log_filters": 0, "extract_patched": False,
+    }  # fmt: skip
+    after = states["after_setup_twice"]
+    assert not after["transformers_bars"] and not after["datasets_bars"]
+    assert after["hivemind_fixes"] and after["averager_log_filters"] == 1  # one filter however often applied
 
 
 def test_recipes_dir_is_read_when_asked(monkeypatch, tmp_path):

@@ -1,13 +1,11 @@
-"""p2pcold's fixes to hivemind (`p2pcold.swarm._compat`): applied by `start_dht`, never at import, once;
-and hivemind's tracebacks for outcomes p2pcold expects become one line or nothing."""
+"""p2pcold's fixes to hivemind (`p2pcold.swarm._compat`): applied by `start_dht`; hivemind's tracebacks
+for outcomes p2pcold expects become one line or nothing."""
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
 import time
+import warnings
 
 import pytest
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -17,40 +15,14 @@ from p2pcold.swarm import _compat, start_dht, stop_dht
 
 from helpers import fast_config, make_body
 
-PROBE = """
-import json, logging
-import p2pcold.swarm, p2pcold.peer, p2pcold.simulate
-from hivemind.compression import quantization
-from p2pcold.swarm import _compat
-
-def state():
-    return {
-        "applied": _compat.is_applied(),
-        "extract_patched": quantization.Quantization.extract is _compat._extract_fixed,
-        "filters": len(logging.getLogger("hivemind.averaging.averager").filters),
-    }
-
-after_import = state()
-_compat.apply()
-_compat.apply()
-print(json.dumps({"after_import": after_import, "after_apply_twice": state()}))
-"""
-
-
-@pytest.mark.timeout(120)
-def test_importing_the_package_changes_nothing_and_apply_is_idempotent():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=110)
-    assert out.returncode == 0, out.stderr[-3000:]
-    states = json.loads(out.stdout.strip().splitlines()[-1])
-    assert states["after_import"] == {"applied": False, "extract_patched": False, "filters": 0}
-    after = states["after_apply_twice"]
-    assert after["applied"] and after["filters"] == 1  # one filter however often it is applied
-
-
 def test_start_dht_applies_the_fixes(swarm):
+    """(That importing p2pcold applies nothing, and that applying twice is applying once, is checked in a
+    fresh process by tests/test_process_setup.py.)"""
     swarm.start(1, fast_config())
     assert _compat.is_applied()
-    assert _compat._quantization_round_trip_works()  # 8-bit all-reduces decode on this numpy
+    with warnings.catch_warnings():  # torch's "non-writable NumPy array", as in every 8-bit decode
+        warnings.simplefilter("ignore")
+        assert _compat._quantization_round_trip_works()  # 8-bit all-reduces decode on this numpy
 
 
 def _record(msg, error: BaseException | None, level=logging.ERROR) -> logging.LogRecord:
