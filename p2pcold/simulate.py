@@ -213,11 +213,11 @@ class Simulation:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        with open(log_path, "a") as out:
+        with open(log_path, "a") as out, _stop_signals_deferred():
             # A session of its own: Ctrl-C reaches only the simulator, which stops each group in order,
             # and killing the group also kills the process's hivemind helpers and p2pd daemon.
             proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs[name] = proc
+            self.procs[name] = proc
         return proc
 
     def setup(self) -> None:
@@ -299,7 +299,7 @@ class Simulation:
         """SIGTERM every process group, then SIGKILL what is left after STOP_GRACE_S.
 
         A second Ctrl-C or SIGTERM meanwhile is ignored: interrupting this would leave the rest running."""
-        with _signals_ignored(signal.SIGINT, signal.SIGTERM):
+        with _stop_signals_handled_by(signal.SIG_IGN):
             self._stop_all()
 
     def _stop_all(self) -> None:
@@ -324,17 +324,32 @@ class Simulation:
                 log.warning("process %d did not exit after SIGKILL", proc.pid)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _signals_ignored(*signals: int):
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+def _stop_signals_handled_by(handler):
+    """Ctrl-C and SIGTERM go to `handler` inside the block (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C or SIGTERM received inside the block takes effect when it ends. Around starting a process:
+    a signal between its fork and its entry in `Simulation.procs` would leave it out of the stop."""
+    received: list[int] = []
+    with _stop_signals_handled_by(lambda signum, frame: received.append(signum)):
+        yield
+    if received:
+        signal.raise_signal(received[0])
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
