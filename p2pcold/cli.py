@@ -6,14 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from p2pcold.utils import P2PColdError, atomic_write_bytes, get_logger, setup_logging
+from p2pcold.utils import EXIT_TERMINATED, P2PColdError, Terminated, atomic_write_bytes, get_logger, raise_on_sigterm, setup_process
 
 log = get_logger("cli")
 
@@ -118,20 +117,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- swarm
 
 
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so that `finally` blocks stop daemons and threads.
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a fusion attempt
-    that treats errors as a failed round and retries, a best-effort download) can swallow it."""
-
-
-def _raise_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _swarm_run_config(args: argparse.Namespace):
     from p2pcold.config import load_run_config
 
@@ -152,13 +137,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     peer = Peer(config, args.dataset, args.initial_peers, run_dir, device=args.device, centralized=args.centralized, show_progress=args.progress)
-    _raise_on_sigterm()
+    raise_on_sigterm()
     try:
         peer.setup()
         peer.train()
     except Terminated:
         log.info("terminated; stopping")
-        return 143
+        return EXIT_TERMINATED
     finally:
         peer.cleanup()
     print(f"peer {peer.name}: finished at iteration {peer.iteration}; checkpoints in {run_dir}")
@@ -169,7 +154,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
 
     config = _swarm_run_config(args)
-    _raise_on_sigterm()
+    raise_on_sigterm()
     dht = start_dht(config.swarm, args.initial_peers)
     repository = None
     try:
@@ -345,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_process(args.verbose)
     try:
         return args.func(args)
     except P2PColdError as e:
@@ -354,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("p2pcold: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:  # outside a command's own handling, e.g. while it cleans up
+        print("p2pcold: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

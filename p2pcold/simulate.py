@@ -19,11 +19,13 @@ Run folder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,17 @@ import torch
 import yaml
 
 from p2pcold.config import RunConfig, load_dataset_spec, load_run_config, to_dict
-from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_bytes, atomic_write_json, get_logger, read_json
+from p2pcold.utils import (
+    EXIT_TERMINATED,
+    P2PColdError,
+    Terminated,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    get_logger,
+    raise_on_sigterm,
+    read_json,
+)
 
 log = get_logger("simulate")
 
@@ -201,11 +213,11 @@ class Simulation:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        with open(log_path, "a") as out:
+        with open(log_path, "a") as out, _stop_signals_deferred():
             # A session of its own: Ctrl-C reaches only the simulator, which stops each group in order,
             # and killing the group also kills the process's hivemind helpers and p2pd daemon.
             proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs[name] = proc
+            self.procs[name] = proc
         return proc
 
     def setup(self) -> None:
@@ -284,7 +296,13 @@ class Simulation:
             time.sleep(self.config.simulate.refresh_seconds)
 
     def stop(self) -> None:
-        """SIGTERM every process group, then SIGKILL what is left after STOP_GRACE_S."""
+        """SIGTERM every process group, then SIGKILL what is left after STOP_GRACE_S.
+
+        A second Ctrl-C or SIGTERM meanwhile is ignored: interrupting this would leave the rest running."""
+        with _stop_signals_handled_by(signal.SIG_IGN):
+            self._stop_all()
+
+    def _stop_all(self) -> None:
         from p2pcold.swarm import stop_dht
 
         if self.dht is not None:
@@ -304,6 +322,34 @@ class Simulation:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.warning("process %d did not exit after SIGKILL", proc.pid)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_handled_by(handler):
+    """Ctrl-C and SIGTERM go to `handler` inside the block (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C or SIGTERM received inside the block takes effect when it ends. Around starting a process:
+    a signal between its fork and its entry in `Simulation.procs` would leave it out of the stop."""
+    received: list[int] = []
+    with _stop_signals_handled_by(lambda signum, frame: received.append(signum)):
+        yield
+    if received:
+        signal.raise_signal(received[0])
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -353,12 +399,16 @@ def simulate(args: argparse.Namespace, overrides: dict) -> int:
     for plan in plans:
         print(f"  {plan.name}: {plan.dataset} on {plan.device}, {plan.threads} thread(s)")
     simulation = Simulation(config, run_dir, plans, eval_device)
+    raise_on_sigterm()  # the processes run in sessions of their own: only this one hears the signal
     try:
         simulation.setup()
         simulation.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping every process; continue with: p2pcold simulate --resume {run_dir}", file=sys.stderr)
+        print(f"\n{_stopping_line('interrupted', run_dir)}", file=sys.stderr)  # below the terminal's ^C
         return 130
+    except Terminated:
+        print(_stopping_line("terminated", run_dir), file=sys.stderr)
+        return EXIT_TERMINATED
     finally:
         simulation.stop()
     results = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else []
@@ -370,9 +420,13 @@ def simulate(args: argparse.Namespace, overrides: dict) -> int:
     return 0
 
 
+def _stopping_line(why: str, run_dir: Path) -> str:
+    return f"{why}: stopping every process; continue with: p2pcold simulate --resume {run_dir}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m p2pcold.simulate evaluate-loop RUN_DIR SOURCE`: the simulator's evaluator process."""
-    from p2pcold.utils import setup_logging
+    from p2pcold.utils import setup_process
 
     parser = argparse.ArgumentParser(prog="python -m p2pcold.simulate")
     sub = parser.add_subparsers(dest="role", required=True)
@@ -382,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--device", default="cpu")
     loop.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_process()
     try:
         evaluation_loop(args.run_dir, args.source, args.device, args.threads)
     except P2PColdError as e:

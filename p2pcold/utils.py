@@ -1,6 +1,7 @@
-"""Small helpers every layer may use: errors, seeding, hashing, atomic files, logging.
+"""Small helpers every layer may use: errors, process set-up, seeding, hashing, atomic files, logging.
 
-Nothing here imports the rest of p2pcold, torch models or hivemind.
+Nothing here imports the rest of p2pcold, torch models or hivemind. Nothing here changes global state
+at import: an entry point calls `setup_process()` (and `raise_on_sigterm()` where it must clean up).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +23,50 @@ import torch
 
 class P2PColdError(Exception):
     """Bad input or environment. The CLI prints the message as one line and exits with code 2."""
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's code for "stopped by SIGTERM"
+
+# The repository's recipe folder: an editable install (the documented one) finds it here.
+_DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "peers"
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that `finally` blocks stop daemons, threads and child processes.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a fusion attempt
+    that treats errors as a failed round and retries, a best-effort download) can swallow it."""
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises `Terminated` in this process's main thread.
+
+    Forked helpers (hivemind's DHT and averager processes) restore the default action themselves
+    (`p2pcold.swarm._procs.reset_signal_handlers`)."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def recipes_dir() -> Path:
+    """Where dataset recipes named without a path live: $P2PCOLD_RECIPES, else the repository's peers/.
+
+    Read at each call, not at import, so that a test or a caller that sets the variable later is obeyed."""
+    return Path(os.environ.get("P2PCOLD_RECIPES") or _DEFAULT_RECIPES_DIR)
+
+
+def setup_process(verbose: bool = False) -> None:
+    """What every p2pcold entry point sets up once, before any work: logging, and no progress bars
+    from transformers and datasets (p2pcold draws its own; theirs, per weight load and per map, would
+    interleave with it). Idempotent."""
+    import datasets
+    import transformers
+
+    setup_logging(verbose)
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def get_logger(name: str) -> logging.Logger:

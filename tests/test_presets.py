@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from p2pcold.config import RECIPES_DIR, load_dataset_spec, load_run_config
+from p2pcold.config import load_dataset_spec, load_run_config
+from p2pcold.utils import recipes_dir
 
-PRESETS = sorted((RECIPES_DIR / "runs").glob("*.yaml"))
+PRESETS = sorted((recipes_dir() / "runs").glob("*.yaml"))
 
 
 def test_there_are_presets_for_the_demo_and_the_papers_experiments():

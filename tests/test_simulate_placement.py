@@ -1,8 +1,12 @@
+import os
+import signal
+import time
+
 import pytest
 
 from p2pcold.config import RunConfig
-from p2pcold.simulate import cpu_threads, place_peers, plan_peers
-from p2pcold.utils import P2PColdError
+from p2pcold.simulate import _stop_signals_deferred, _stop_signals_handled_by, cpu_threads, place_peers, plan_peers
+from p2pcold.utils import P2PColdError, Terminated, raise_on_sigterm
 from toy_data import write_toy_datasets
 
 
@@ -28,3 +32,21 @@ def test_plan_gives_each_peer_one_dataset_a_device_and_threads(tmp_path):
     assert len(plan_peers(config, 2, None)) == 2
     with pytest.raises(P2PColdError, match="4 peers but 3 datasets"):
         plan_peers(config, 4, None)
+
+
+def test_a_stop_signal_while_a_process_starts_takes_effect_once_it_is_recorded():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        raise_on_sigterm()
+        recorded = []
+        with pytest.raises(Terminated):
+            with _stop_signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # a raising handler would interrupt this
+                recorded.append("process")
+        assert recorded == ["process"]
+        with _stop_signals_handled_by(signal.SIG_IGN):  # while stopping: ignored
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

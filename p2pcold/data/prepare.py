@@ -13,9 +13,6 @@ from p2pcold.config import DatasetSpec
 from p2pcold.data.examples import load_examples
 from p2pcold.utils import P2PColdError
 
-# p2pcold draws its own progress; datasets' per-map bars would interleave with it.
-datasets.disable_progress_bars()
-
 
 @dataclass
 class PreparedDataset:

@@ -7,13 +7,10 @@ Primitives (no model code; bodies are plain `dict[str, Tensor]`):
 - `PeerProgress`, `publish_progress`, `read_progress`: expiring per-peer status records (progress.py)
 
 Every network wait is bounded by a named `SwarmConfig` timeout; see docs/protocol-primitives.md.
+Importing this package changes nothing in hivemind: `start_dht` applies p2pcold's fixes (`_compat.apply`).
 """
 
-from p2pcold.swarm import _compat
-
-_compat.apply()
-
-from p2pcold.swarm.averaging import (  # noqa: E402
+from p2pcold.swarm.averaging import (
     BodyAverager,
     FusionResult,
     FusionStatus,
@@ -22,9 +19,9 @@ from p2pcold.swarm.averaging import (  # noqa: E402
     iteration_group_bits,
     make_compression,
 )
-from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visible_maddrs  # noqa: E402
-from p2pcold.swarm.identity import RunIdentity, body_schema_hash, join_run  # noqa: E402
-from p2pcold.swarm.progress import PeerProgress, publish_progress, read_progress  # noqa: E402
+from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visible_maddrs
+from p2pcold.swarm.identity import RunIdentity, body_schema_hash, join_run
+from p2pcold.swarm.progress import PeerProgress, publish_progress, read_progress
 
 __all__ = [
     "BodyAverager",

@@ -1,10 +1,14 @@
-"""Fixes for hivemind 1.1.x on current numpy, applied once when `p2pcold.swarm` is imported.
+"""Fixes for hivemind 1.1.x, applied once per process by `apply()`, which `start_dht` calls (every
+hivemind object p2pcold makes needs a DHT first, and the averager processes forked later inherit the fixes).
+Nothing is changed at import.
 
-hivemind's `Quantization.extract` (used by Uniform8BitQuantization and Quantile8BitQuantization on the
-*receiving* side of every all-reduce) does `int(np.frombuffer(buf, count=1))`. numpy >= 2.4 refuses to
-convert a 1-element 1-D array to a Python int, so every 8-bit all-reduce fails with a TypeError. The
-fix below reads element [0] instead; the wire format is unchanged, so patched and unpatched peers
-(on older numpy) interoperate. It is applied only if a round-trip probe fails.
+* hivemind's `Quantization.extract` (used by Uniform8BitQuantization and Quantile8BitQuantization on the
+  *receiving* side of every all-reduce) does `int(np.frombuffer(buf, count=1))`. numpy >= 2.4 refuses to
+  convert a 1-element 1-D array to a Python int, so every 8-bit all-reduce fails with a TypeError. The
+  fix below reads element [0] instead; the wire format is unchanged, so patched and unpatched peers
+  (on older numpy) interoperate. It is applied only if a round-trip probe fails.
+* hivemind logs outcomes that p2pcold expects and reports itself as ERRORs with tracebacks; see
+  `_ExpectedOutcomes`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 
 import numpy as np
 import torch
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import quantization as _quantization
 
@@ -39,6 +45,7 @@ def _quantization_round_trip_works() -> bool:
 
 
 def apply() -> None:
+    """Apply every fix in this process; a second call does nothing."""
     global _applied
     if _applied:
         return
@@ -49,11 +56,35 @@ def apply() -> None:
         warnings.simplefilter("ignore")
         if not _quantization_round_trip_works():
             _quantization.Quantization.extract = _extract_fixed
-    # hivemind logs an expected "could not find a group" as an ERROR with a traceback; p2pcold reports
-    # that outcome itself (FusionResult.status == NO_GROUP), so the duplicate is dropped.
-    logging.getLogger("hivemind.averaging.averager").addFilter(_DropFilter("could not find a group"))
+    logging.getLogger("hivemind.averaging.averager").addFilter(_ExpectedOutcomes())
     # p2pcold uses target_group_size = number of expected peers, which need not be a power of 2
     logging.getLogger("hivemind.averaging.key_manager").addFilter(_DropFilter("power of 2"))
+
+
+def is_applied() -> bool:
+    return _applied
+
+
+class _ExpectedOutcomes(logging.Filter):
+    """hivemind's averager logs, as ERRORs with a traceback, outcomes that p2pcold expects:
+
+    * a step that found no group or whose all-reduce failed (a member died or timed out, a partial
+      all-reduce), logged once per attempt and again when the step gives up. `BodyAverager.fuse`
+      reports each attempt in one line and retries, so these records are dropped.
+    * a state donor that does not answer: `load_state_from_peers` asks the donors listed in the DHT in
+      turn, and a donor that exited (a peer SIGKILLed and restarted finds its own dead predecessor
+      listed, at the same iteration as the live donors, until the entry expires) fails the request. The
+      download goes on with the next donor, so that record becomes one warning line without traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (AllreduceException, MatchmakingException)):
+            return False
+        if error is not None and str(record.msg).startswith("Failed to download state from"):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
 
 
 class _DropFilter(logging.Filter):

@@ -8,8 +8,10 @@ orphan the daemon; `start_dht` / `stop_dht` fix those three things.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Sequence
@@ -18,7 +20,7 @@ import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
-from p2pcold.swarm import _procs
+from p2pcold.swarm import _compat, _procs
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -85,6 +87,28 @@ def listen_maddr(host: str, port: int) -> str:
     return f"/ip{version}/{host}/tcp/{port}"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a fixed `port` that something already listens on at `host` (port 0, any free one, passes).
+
+    p2pd listens with SO_REUSEPORT, so a second daemon on a taken port starts without an error and the
+    kernel splits incoming connections between the two: the first node's address then reaches the wrong
+    node half of the time. A plain bind, which SO_REUSEPORT listeners refuse, detects that beforehand.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT connections do not count
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise P2PColdError(
+                    f"swarm: port {port} is in use on {host} (another node or program listens there); choose another port or stop it"
+                ) from None
+            raise P2PColdError(f"swarm: cannot listen on {host} port {port}: {e.strerror}") from None
+
+
 def _check_maddrs(maddrs: Sequence[str], what: str) -> list[str]:
     checked = []
     for maddr in maddrs:
@@ -102,20 +126,23 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
     """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
 
     Waits at most `dht_startup_timeout + bootstrap_timeout` seconds. Raises P2PColdError when the
-    daemon does not start or none of the initial peers answers within that bound; nothing is left
-    running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
+    fixed port is taken (before anything starts), the daemon does not start or none of the initial
+    peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
     cannot lead groups or serve its state.
     """
     validate_swarm_config(config)
+    _compat.apply()
     initial = _check_maddrs(list(initial_peers), "initial_peers")
     announce = _check_maddrs(config.announce_maddrs, "announce_maddrs")
+    listen = listen_maddr(config.host, config.port)
+    check_port_free(config.host, config.port)
     bound = config.dht_startup_timeout + config.bootstrap_timeout
     started = time.monotonic()
     dht = _SwarmDHT(
         initial_peers=initial or None,
         start=True,
         await_ready=False,  # hivemind would wait without a bound
-        host_maddrs=[listen_maddr(config.host, config.port)],
+        host_maddrs=[listen],
         announce_maddrs=announce or None,
         identity_path=config.identity_path,
         startup_timeout=config.dht_startup_timeout,

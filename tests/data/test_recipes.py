@@ -6,11 +6,12 @@ import collections
 
 import pytest
 
-from p2pcold.config import RECIPES_DIR, load_dataset_spec
+from p2pcold.config import load_dataset_spec
 from p2pcold.data import load_examples
 from p2pcold.data.sources import PKG_PREFIX, is_local, package_file
+from p2pcold.utils import recipes_dir
 
-RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 OFFLINE = [name for name in RECIPES if load_dataset_spec(name).source.startswith(PKG_PREFIX)]
 
 
@@ -23,7 +24,7 @@ def test_recipes_exist():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_is_valid(name):
     spec = load_dataset_spec(name)
-    header = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    header = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[0]
     assert header.startswith(f"# p2pcold peer --dataset {name} ")
     assert spec.name == name and spec.source and spec.text_column and spec.label_column
     assert spec.label_names and all(spec.label_names) and len(set(spec.label_names)) == len(spec.label_names)

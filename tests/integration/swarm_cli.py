@@ -59,11 +59,12 @@ class SwarmProcesses:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, *args: str, stdout_file: Path | None = None) -> subprocess.Popen:
-        """Start `p2pcold ARGS` logging to NAME.log (stdout too, unless `stdout_file` is given)."""
+    def start(self, name: str, *args: str, stdout_file: Path | None = None, tag: str | None = None) -> subprocess.Popen:
+        """Start `p2pcold ARGS` logging to NAME.log (stdout too, unless `stdout_file` is given); `tag`
+        marks it and all its descendants for `tagged_processes`."""
         log = self.folder / f"{name}.log"
         self.logs[name] = log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **tag_environment(tag)}
         with open(log, "w") as err, open(stdout_file or os.devnull, "w") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "p2pcold.cli", *args],
@@ -127,6 +128,54 @@ class SwarmProcesses:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+TAG_VARIABLE = "P2PCOLD_SIM_TEST"
+
+
+def tag_environment(tag: str | None) -> dict[str, str]:
+    """The environment entry that marks a process and every descendant (they inherit it, p2pd included,
+    even once orphaned or in sessions of their own) for `tagged_processes`."""
+    return {TAG_VARIABLE: tag} if tag else {}
+
+
+def tagged_processes(tag: str) -> list[str]:
+    """Live processes whose environment carries `tag`, as "pid: command line".
+
+    torch's `torch_shm_manager` is left out: torch starts it for shared-memory tensors and it exits
+    by itself once its clients are gone (`kill_tagged` still kills it)."""
+    found = []
+    for pid, environ, state, cmdline in _processes():
+        if _tag_bytes(tag) in environ and state != b"Z" and "torch_shm_manager" not in cmdline:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process carrying `tag` (a test's teardown)."""
+    for pid, environ, _state, _cmdline in _processes():
+        if _tag_bytes(tag) in environ:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+
+
+def _tag_bytes(tag: str) -> bytes:
+    return f"{TAG_VARIABLE}={tag}".encode()
+
+
+def _processes():
+    """(pid, environ, state, command line) of every process this user can read."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+                state = (entry / "stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            yield int(entry.name), environ, state, cmdline
 
 
 def process_group(pgid: int) -> list[int]:

@@ -1,5 +1,6 @@
 """A public bootstrap node: a persistent identity keeps its multiaddr across restarts, SIGTERM stops it
-cleanly (exit 0, nothing left behind), and so it does a peer (exit 143). See bootstrap/README.md."""
+cleanly (exit 0, nothing left behind), and so it does a peer (exit 143); a second node on a taken port
+is refused. See bootstrap/README.md."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 import signal
 import socket
 import time
+import uuid
 
 import pytest
 
-from swarm_cli import process_group, toy_recipes, write_run_config
+from swarm_cli import kill_tagged, process_group, tagged_processes, toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -75,3 +77,27 @@ def test_identity_file_keeps_the_address_across_restarts_and_sigterm_stops_clean
     assert stop(swarm, second, "second", whole_group=True) < 10
     for name in ("first", "second", "peer"):
         assert "Traceback" not in swarm.log(name), swarm.log(name)
+
+
+def test_a_second_node_on_a_taken_port_is_refused_with_one_line(swarm, tmp_path):
+    """p2pd listens with SO_REUSEPORT: without a check, a second node would start on the same port and
+    take half of the first one's incoming connections. It is refused before it starts anything."""
+    port = free_port()
+    first, maddrs = start_bootstrap(swarm, "first", "--host", "127.0.0.1", "--port", str(port))
+    tag = uuid.uuid4().hex
+    try:
+        started = time.monotonic()
+        second = swarm.start("second", "bootstrap", "--host", "127.0.0.1", "--port", str(port), tag=tag)
+        assert swarm.wait(second, "second", timeout=60) == 2, swarm.log("second")
+        elapsed = time.monotonic() - started
+        lines = swarm.log("second").strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("p2pcold: error: ") and f"port {port} is in use" in lines[0], lines
+        assert elapsed < 30, f"refused after {elapsed:.0f} s"  # mostly imports; the check itself is a bind
+        assert tagged_processes(tag) == [], "the refused node left processes behind"
+    finally:
+        kill_tagged(tag)
+    # the first node is untouched: its address still reaches it
+    status = swarm.start("status", "status", "--initial-peers", maddrs[0], "--json")
+    assert swarm.wait(status, "status", timeout=60) == 0, swarm.log("status")
+    assert first.poll() is None
+    assert stop(swarm, first, "first", whole_group=True) < 10

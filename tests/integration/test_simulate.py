@@ -1,4 +1,4 @@
-"""`p2pcold simulate` end to end with tiny peers: the run folder, Ctrl-C, and --resume."""
+"""`p2pcold simulate` end to end with tiny peers: the run folder, Ctrl-C, SIGTERM, and --resume."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swarm_cli import FAST_SWARM, toy_recipes
+from swarm_cli import FAST_SWARM, kill_tagged, tag_environment, tagged_processes, toy_recipes
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(400)]
 
@@ -41,46 +41,19 @@ def write_simulation_config(tmp_path: Path, model: Path, iterations: int, steps:
     return path
 
 
-def tagged_processes(tag: str) -> list[str]:
-    """Live processes whose environment carries `tag`: every descendant of the simulator, p2pd included.
-
-    torch's `torch_shm_manager` is left out: torch starts it for shared-memory tensors and it exits
-    by itself once its clients are gone (the fixture still kills it)."""
-    needle = f"P2PCOLD_SIM_TEST={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle not in (entry / "environ").read_bytes():
-                    continue
-                state = (entry / "stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if state != b"Z" and "torch_shm_manager" not in cmdline:
-                found.append(f"{entry.name}: {cmdline[:120]}")
-    return found
-
-
 @pytest.fixture
 def simulator():
     """Start `p2pcold simulate ...` with a tag in its environment; kill anything tagged afterwards."""
     tag = uuid.uuid4().hex
 
     def start(*args: str, log: Path) -> subprocess.Popen:
-        env = {**os.environ, "P2PCOLD_SIM_TEST": tag, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = {**os.environ, **tag_environment(tag), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         with open(log, "w") as out:
             return subprocess.Popen([sys.executable, "-m", "p2pcold.cli", "simulate", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
 
     start.tag = tag
     yield start
-    needle = f"P2PCOLD_SIM_TEST={tag}".encode()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and needle in (entry / "environ").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            continue
+    kill_tagged(tag)
 
 
 def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simulator):
@@ -123,3 +96,27 @@ def test_ctrl_c_stops_every_process_and_resume_finishes(tmp_path, tiny_model_dir
     assert json.loads(latest.read_text())["iteration"] == 4
     results = json.loads((run / "results.json").read_text())
     assert max(r["iteration"] for r in results) == 4 and 0 in {r["iteration"] for r in results}
+
+
+def test_sigterm_stops_every_process_with_one_line(tmp_path, tiny_model_dir, simulator):
+    """SIGTERM (what `kill`, systemd and job schedulers send) reaches only the simulator: the processes it
+    started run in sessions of their own. It stops them all, bootstrap included, and exits with 143."""
+    config = write_simulation_config(tmp_path, tiny_model_dir, iterations=4, steps=20)
+    run = tmp_path / "run"
+    log = tmp_path / "simulate.log"
+    proc = simulator(str(config), log=log)
+    peer_logs = [run / "logs" / f"{name}.log" for name in ("peer00-toy_movies", "peer01-toy_flights", "peer02-toy_phones")]
+    deadline = time.monotonic() + 200
+    while not all(path.is_file() and "DHT node" in path.read_text() for path in peer_logs):  # every p2pd is up
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    output = log.read_text()
+    stopping = [line for line in output.splitlines() if line.startswith("terminated:")]
+    assert stopping == [f"terminated: stopping every process; continue with: p2pcold simulate --resume {run}"], output[-3000:]
+    assert "Traceback" not in output
+    deadline = time.monotonic() + 5
+    while tagged_processes(simulator.tag) and time.monotonic() < deadline:  # SIGKILLed processes take a moment to go
+        time.sleep(0.1)
+    assert tagged_processes(simulator.tag) == [], "processes left behind after SIGTERM"

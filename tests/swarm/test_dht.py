@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import time
 
 import pytest
@@ -81,3 +82,16 @@ def test_requests_whose_sender_exited_are_dropped_with_one_line_and_the_dht_carr
     log = (tmp_path / "dht.log").read_text()
     assert "DHT: dropped a request from a process that exited while sending it" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_port_is_refused_before_anything_starts(swarm):
+    """p2pd listens with SO_REUSEPORT, so a second node on a taken port would start and share it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    swarm.start(1, fast_config(port=port))
+    started = time.monotonic()
+    with pytest.raises(P2PColdError, match=f"port {port} is in use on 127.0.0.1"):
+        start_dht(fast_config(port=port), [])
+    assert time.monotonic() - started < 1.0  # a bind, not a daemon start
