@@ -1,0 +1,99 @@
+"""The centralized peer (`--centralized`, the paper's §2.3 with a Repository; see repository.py).
+
+each iteration i: wait for the Repository's assignment, download θ_i from it; if sampled, finetune,
+report ready, wait for the Repository's go, then all-reduce with it (the Repository contributes
+weight 0, so it receives exactly the contributors' average θ_{i+1}), retried until the deadline or
+until the Repository has moved on. The Repository's word comes through the tracker's snapshot; when
+it reports that an iteration's fusion failed for good, the peer stops with that one line.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from p2pcold.peer.base import SwarmPeer, fusion_record, log
+from p2pcold.swarm import FusionOutcome, Phase
+from p2pcold.swarm.boundary import repository_word
+from p2pcold.utils import P2PColdError
+
+
+class CentralizedPeer(SwarmPeer):
+    def _load_start_state(self) -> None:
+        """θ_i comes from the Repository each iteration; only the Repository serves it."""
+
+    def train(self) -> dict[str, torch.Tensor]:
+        while self.iteration < self.config.iterations:
+            self.run_iteration()
+        self.tracker.update(phase=Phase.DONE, iteration=self.iteration)
+        log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
+        return self.state.base
+
+    def _wait_for_assignment(self, iteration: int, field: str) -> dict:
+        """The Repository's record for `iteration` once it has `field`; bounded by assignment_timeout."""
+        swarm = self.config.swarm
+        deadline = time.monotonic() + swarm.assignment_timeout
+        while time.monotonic() < deadline:
+            assignments = self.tracker.snapshot().assignments
+            for i in range(iteration, iteration - 2, -1):  # the word about this iteration, or the fusion before it
+                stopped = repository_word(assignments, i, "failure")
+                if stopped is not None:
+                    raise P2PColdError(f"the Repository stopped the run at iteration {i}: {stopped['failure']}")
+            record = repository_word(assignments, iteration, field)
+            if record is not None:
+                return dict(record)
+            self.tracker.wait_for_update(swarm.poll_interval)
+        raise P2PColdError(f"no word from the Repository about iteration {iteration} within {swarm.assignment_timeout:.0f} s")
+
+    def _download(self, iteration: int) -> tuple[int, dict[str, torch.Tensor]]:
+        downloaded = self.averager.download_state()
+        if downloaded is None or downloaded[0] < iteration:
+            raise P2PColdError(f"could not download θ_{iteration} from the Repository")
+        return downloaded
+
+    def run_iteration(self) -> None:
+        i = self.iteration
+        self.tracker.update(phase=Phase.WAITING, iteration=i)
+        assignment = self._wait_for_assignment(i, "contributors")
+        downloaded = self._download(i)
+        if downloaded[0] > i:  # the Repository is ahead (we restarted): catch up
+            self.state.iteration, self.state.base = downloaded
+            self.save_checkpoint(fusion_record(FusionOutcome.ADOPTED.value, [], 0, None))
+            return
+        self.state.base = downloaded[1]
+        record = None
+        if self.name in assignment["contributors"]:
+            contribution = self._finetune()
+            self.tracker.update(phase=Phase.READY, iteration=i)
+            go = self._wait_for_assignment(i, "group")
+            if self.name in go["group"]:
+                record = self._fuse_with_repository(contribution)
+        # θ_{i+1} comes from the Repository at the start of the next iteration, for every peer alike.
+        self.state.iteration = i + 1
+        if self.iteration == self.config.iterations:
+            self._wait_for_assignment(self.iteration, "contributors")  # the Repository has published θ_N
+            final = self._download(self.iteration)
+            if final[0] != self.iteration:
+                raise P2PColdError(f"could not download the final θ_{self.iteration} from the Repository")
+            self.state.base = final[1]
+        self.save_checkpoint(record)
+
+    def _fuse_with_repository(self, contribution) -> dict:
+        """All-reduce with the Repository and the other contributors of this iteration; retried with the
+        same body until it succeeds, the deadline passes, or the Repository has moved on."""
+        swarm, i = self.config.swarm, self.iteration
+        end = time.monotonic() + swarm.boundary_deadline
+        attempts = 0
+        while True:
+            fused = self._fuse(contribution, max(end - time.monotonic(), swarm.matchmaking_time + 1))
+            attempts += fused.attempts
+            if fused.ok:
+                members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0)
+                self.tracker.update(last_group_size=len(members), last_fusion=FusionOutcome.OK, last_group=members, fusion_attempts=attempts, fusion_error=None)
+                return fusion_record(FusionOutcome.OK.value, members, attempts, None)
+            log.warning("iteration %d: fusion with the Repository failed (%s)", i, fused.reason)
+            moved_on = repository_word(self.tracker.snapshot().assignments, i + 1, "contributors") is not None
+            if moved_on or end - time.monotonic() <= swarm.matchmaking_time + 1:
+                self.tracker.update(last_fusion=FusionOutcome.FAILED, last_group=[], fusion_attempts=attempts, fusion_error=fused.reason)
+                return fusion_record(FusionOutcome.FAILED.value, [], attempts, fused.reason)
