@@ -75,9 +75,10 @@ class SwarmPeer:
         self.peer_id = peer_id(self.dht)
         identity = RunIdentity.for_body(config.run_id, config.model, self.state.theta0, run_contract(config))
         join_run(self.dht, config.run_id, identity, swarm)
-        # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
-        self.tracker = SwarmTracker(self.dht, config.run_id, swarm, PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
+        self.tracker = SwarmTracker(self.dht, config.run_id, swarm)
         self._refuse_a_second_peer_on_this_dataset()
+        # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
+        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
         self.averager = BodyAverager(self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0)
         self._load_start_state()
         log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
@@ -88,10 +89,10 @@ class SwarmPeer:
         period (a third of progress_ttl) tells the two apart."""
         swarm = self.config.swarm
         snapshot = self.tracker.wait_for_update(swarm.dht_request_timeout)
-        first_seen = {p.peer_id: p.last_seen for p in snapshot.same_dataset}
+        first_seen = {p.peer_id: p.last_seen for p in snapshot.records if p.dataset == self.name}
         deadline = time.monotonic() + swarm.progress_ttl / 3 + 2 * swarm.poll_interval + swarm.dht_request_timeout
-        while snapshot.same_dataset and time.monotonic() < deadline:
-            live = duplicate_dataset_peers(snapshot.same_dataset, first_seen)
+        while any(p.dataset == self.name for p in snapshot.records) and time.monotonic() < deadline:
+            live = duplicate_dataset_peers(snapshot.records, self.name, first_seen)
             if live:
                 raise P2PColdError(
                     f"dataset {self.name} already has a live peer in run {self.config.run_id!r} ({live[0]}); "

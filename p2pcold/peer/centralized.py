@@ -47,10 +47,18 @@ class CentralizedPeer(SwarmPeer):
         raise P2PColdError(f"no word from the Repository about iteration {iteration} within {swarm.assignment_timeout:.0f} s")
 
     def _download(self, iteration: int) -> tuple[int, dict[str, torch.Tensor]]:
-        downloaded = self.averager.download_state()
-        if downloaded is None or downloaded[0] < iteration:
-            raise P2PColdError(f"could not download θ_{iteration} from the Repository")
-        return downloaded
+        """θ_iteration (or newer) from the Repository; asked again until state_download_timeout, since the
+        Repository's word about an iteration can reach this peer before its state announcement does."""
+        swarm = self.config.swarm
+        deadline = time.monotonic() + swarm.state_download_timeout
+        while True:
+            downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0))
+            if downloaded is not None and downloaded[0] >= iteration:
+                return downloaded
+            if time.monotonic() >= deadline:
+                got = "nothing" if downloaded is None else f"θ_{downloaded[0]}"
+                raise P2PColdError(f"could not download θ_{iteration} from the Repository within {swarm.state_download_timeout:.0f} s (got {got})")
+            self.tracker.wait_for_update(swarm.poll_interval)
 
     def run_iteration(self) -> None:
         i = self.iteration

@@ -109,11 +109,11 @@ def peers_behind(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ..
     )
 
 
-def duplicate_dataset_peers(same_dataset: Iterable[PeerProgress], first_seen: Mapping[str, float]) -> tuple[str, ...]:
-    """Peer ids of the other peers with this peer's dataset that are alive: their record was published
-    again since this peer first saw it (`first_seen`: peer id -> last_seen then), or appeared only
-    later. The record a restarted peer left behind is never re-published; it only expires."""
-    return tuple(sorted(p.peer_id for p in same_dataset if p.last_seen > first_seen.get(p.peer_id, float("-inf"))))
+def duplicate_dataset_peers(records: Iterable[PeerProgress], dataset: str, first_seen: Mapping[str, float]) -> tuple[str, ...]:
+    """Peer ids of the other live peers on `dataset`: their record was published again since this peer
+    first saw it (`first_seen`: peer id -> last_seen then), or appeared only later. The record a
+    restarted peer left behind is never re-published; it only expires."""
+    return tuple(sorted(p.peer_id for p in records if p.dataset == dataset and p.last_seen > first_seen.get(p.peer_id, float("-inf"))))
 
 
 # --------------------------------------------------------------------------- decisions

@@ -31,12 +31,11 @@ class SwarmSnapshot:
     """The swarm as seen at `taken_at` (unix time).
 
     `peers`: the other live peers, newest record per dataset (a restarted peer's previous record lives
-    on until it expires), this peer's dataset excluded. `same_dataset`: live records of other peer ids
-    with this peer's dataset (a restarted self, or a second peer on the same data).
-    `assignments`: the Repository's record per iteration."""
+    on until it expires), this peer's dataset excluded. `records`: every live record but this peer's
+    own, undeduplicated. `assignments`: the Repository's record per iteration."""
 
     peers: tuple[PeerProgress, ...] = ()
-    same_dataset: tuple[PeerProgress, ...] = ()
+    records: tuple[PeerProgress, ...] = ()
     assignments: Mapping[int, Mapping] = field(default_factory=lambda: MappingProxyType({}))
     taken_at: float = 0.0
 
@@ -50,8 +49,8 @@ def newest_per_dataset(records, exclude_dataset: str | None) -> tuple[PeerProgre
 
 
 class SwarmTracker:
-    """Owns the DHT reads of one process. `progress` (None for a process without a record, e.g. the
-    Repository) is this peer's own record, published from the thread."""
+    """Owns the DHT reads of one process. `progress` is this peer's own record, published from the
+    thread; None until `start_publishing` (a peer not yet admitted; the Repository never publishes one)."""
 
     def __init__(self, dht: hivemind.DHT, run_id: str, config: SwarmConfig, progress: PeerProgress | None = None):
         self.dht, self.run_id, self.config = dht, run_id, config
@@ -70,6 +69,11 @@ class SwarmTracker:
     @property
     def progress(self) -> PeerProgress | None:
         return self._progress
+
+    def start_publishing(self, progress: PeerProgress) -> None:
+        self._progress = progress
+        self._last_publish = float("-inf")
+        self._wake.set()
 
     def update(self, **fields) -> None:
         """Change this peer's record; the thread publishes it at once."""
@@ -146,7 +150,7 @@ class SwarmTracker:
         others = [r for r in records if me is None or r.peer_id != me.peer_id]
         snapshot = SwarmSnapshot(
             peers=newest_per_dataset(others, None if me is None else me.dataset),
-            same_dataset=tuple(r for r in others if me is not None and r.dataset == me.dataset),
+            records=tuple(others),
             assignments=MappingProxyType({int(k): v for k, v in assignments.items() if k.isdigit() and isinstance(v, dict)}),
             taken_at=time.time(),
         )

@@ -153,6 +153,48 @@ def test_peer_with_another_base_model_is_refused(running_swarm):
     assert not (folder / "stranger" / "latest.json").exists()
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.learning_rate=0.002", "finetune.learning_rate differs: swarm has 0.001, you have 0.002"),
+        ("iterations=31", "iterations differs: swarm has 30, you have 31"),
+    ],
+    ids=["learning-rate", "iterations"],
+)
+def test_peer_with_another_run_contract_is_refused_naming_the_field(running_swarm, override, message):
+    processes, folder, config, maddr, recipes, peers = running_swarm
+    processes.wait_for_log("a", r"starts at iteration 0", timeout=90, proc=peers["a"])
+    name = f"contract-{override.split('=')[0]}"
+    proc = processes.peer(name, config, recipes[3], maddr, "--set", override)
+    processes.wait_for_log(name, r"DHT node \w+ up", timeout=90, proc=proc)
+    connected = time.monotonic()
+    code = processes.wait(proc, name, timeout=60)
+    log = processes.log(name)
+    assert code == 2, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("p2pcold: error: cannot join run 'itest'") and last.endswith(message), last
+    assert "Traceback" not in log
+    assert time.monotonic() - connected < 20, "refused later than join_timeout (15 s) after joining the DHT"
+
+
+@pytest.mark.timeout(150)
+def test_a_second_peer_on_the_same_dataset_is_refused(running_swarm):
+    processes, folder, config, maddr, recipes, peers = running_swarm
+    processes.wait_for_log("a", r"starts at iteration 0", timeout=90, proc=peers["a"])
+    proc = processes.peer("twin", config, recipes[0], maddr)
+    processes.wait_for_log("twin", r"DHT node \w+ up", timeout=90, proc=proc)
+    connected = time.monotonic()
+    code = processes.wait(proc, "twin", timeout=60)
+    log = processes.log("twin")
+    assert code == 2, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert re.fullmatch(r"p2pcold: error: dataset toy_\w+ already has a live peer in run 'itest' \(\w+\); .*shards.*", last), last
+    assert "Traceback" not in log
+    # one re-publication period (progress_ttl / 3) plus a DHT read, at most
+    assert time.monotonic() - connected < FAST_SWARM["progress_ttl"] / 3 + 25
+
+
 @pytest.mark.timeout(240)
 def test_late_joiner_downloads_the_current_body_and_fuses_with_the_swarm(running_swarm):
     """A peer that joins at iteration >= 2 starts from the swarm's current base (downloaded), not θ0,

@@ -101,10 +101,11 @@ def test_peers_behind_keep_the_final_base_served():
 
 def test_a_second_live_peer_on_the_dataset_is_told_from_a_record_left_behind():
     left_behind = peer("a", 1, "averaging", peer_id="dead", last_seen=10.0)
+    other_dataset = peer("b", 1, "averaging", peer_id="b", last_seen=30.0)
     first_seen = {"dead": 10.0, "alive": 20.0}
-    assert duplicate_dataset_peers([left_behind], first_seen) == ()
-    assert duplicate_dataset_peers([left_behind, peer("a", 1, "finetuning", peer_id="alive", last_seen=27.0)], first_seen) == ("alive",)
-    assert duplicate_dataset_peers([peer("a", 0, "joining", peer_id="newcomer", last_seen=30.0)], first_seen) == ("newcomer",)
+    assert duplicate_dataset_peers([left_behind, other_dataset], "a", first_seen) == ()
+    assert duplicate_dataset_peers([left_behind, peer("a", 1, "finetuning", peer_id="alive", last_seen=27.0)], "a", first_seen) == ("alive",)
+    assert duplicate_dataset_peers([peer("a", 0, "joining", peer_id="newcomer", last_seen=30.0)], "a", first_seen) == ("newcomer",)
 
 
 def test_the_repository_side():
