@@ -16,7 +16,7 @@ from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.fusion import sample_contributors
 from p2pcold.run_state import RunState
 from p2pcold.swarm import BodyAverager, FusionResult, RunIdentity, SwarmTracker, join_run
-from p2pcold.swarm.boundary import all_done, connected_datasets, ready_contributors
+from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
 from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("repository")
@@ -32,6 +32,7 @@ class Repository:
         self.swarm = config.swarm
         self.state: RunState | None = None
         self.averager = self.tracker = None
+        self.participants: set[str] = set()  # datasets of the peers it sampled from
 
     @property
     def iteration(self) -> int:
@@ -59,6 +60,7 @@ class Repository:
             self.tracker.wait_for_update(self.swarm.poll_interval)
         if not live:
             raise P2PColdError(f"no peer of the run's datasets connected within {self.swarm.peer_wait_timeout:.0f} s")
+        self.participants.update(live)
         if live != self.dataset_names:
             log.warning("sampling among the connected datasets only; missing: %s", ", ".join(sorted(set(self.dataset_names) - set(live))))
         return live
@@ -76,9 +78,13 @@ class Repository:
             self.run_iteration()
         self.tracker.publish_assignment(self.iteration, {"iteration": self.iteration, "contributors": [], "final": True})
         log.info("Repository: run complete at iteration %d; serving θ_%d until the peers have it", self.iteration, self.iteration)
+        # every peer that took part must be seen done once: one DHT read may miss a record
+        not_done = set(self.participants) | set(connected_datasets(self.tracker.snapshot().peers, self.dataset_names))
         deadline = time.monotonic() + self.swarm.peer_wait_timeout
-        while time.monotonic() < deadline and not all_done(self.tracker.snapshot().peers):
-            self.tracker.wait_for_update(self.swarm.poll_interval)
+        while not_done and time.monotonic() < deadline:
+            not_done -= set(done_datasets(self.tracker.wait_for_update(self.swarm.poll_interval).peers))
+        if not_done:
+            log.warning("stopped serving θ_%d after %.0f s; not done: %s", self.iteration, self.swarm.peer_wait_timeout, ", ".join(sorted(not_done)))
 
     def run_iteration(self) -> None:
         i = self.iteration

@@ -186,8 +186,8 @@ def ready_contributors(iteration: int, peers: Iterable[PeerProgress], contributo
     return sorted({p.dataset for p in peers if p.iteration == iteration and p.phase == Phase.READY} & set(contributors))
 
 
-def all_done(peers: Iterable[PeerProgress]) -> bool:
-    return all(p.phase == Phase.DONE for p in peers)
+def done_datasets(peers: Iterable[PeerProgress]) -> list[str]:
+    return sorted(p.dataset for p in peers if p.phase == Phase.DONE)
 
 
 def repository_word(assignments: Mapping[int, Mapping], iteration: int, field: str) -> Mapping | None:
