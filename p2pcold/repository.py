@@ -95,12 +95,12 @@ class Repository:
         if ready != contributors:
             log.warning("iteration %d: %s missed the deadline", i, ", ".join(sorted(set(contributors) - set(ready))))
         self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready})
-        fusion = self._fuse(i, ready) if ready else {"status": "skipped", "members": [], "attempts": 0, "failure": "no contributor was ready"}
+        fusion = self._fuse(i, contributors, ready) if ready else {"status": "skipped", "members": [], "attempts": 0, "failure": "no contributor was ready"}
         self.state.iteration = i + 1
         self.state.save_checkpoint(extra={"contributors": contributors, "fused": ready, "fusion": fusion})
         self.averager.set_shared_state(self.iteration, self.state.base)
 
-    def _fuse(self, i: int, ready: list[str]) -> dict:
+    def _fuse(self, i: int, contributors: list[str], ready: list[str]) -> dict:
         """All-reduce with the ready contributors (weight 0: the Repository receives their average),
         retried with the same base until it succeeds or `boundary_deadline` passes. A fusion that still
         fails is an error unless `swarm.on_fusion_failure` is `skip` (then θ_{i+1} = θ_i)."""
@@ -117,13 +117,15 @@ class Repository:
             if got != ready:
                 log.warning("iteration %d: fused %s, not the expected %s", i, got, ready)
             self.state.base = fused.averaged
+            # the contributors stop retrying once they read this
+            self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "fused": got})
             return {"status": "ok", "members": got, "attempts": attempts, "failure": None}
         reason = _failure(fused)
         if self.swarm.on_fusion_failure == "skip":
             log.warning("iteration %d: fusion failed after %d attempt(s) (%s); skipped: θ_%d = θ_%d", i, attempts, reason, i + 1, i)
             return {"status": "failed", "members": [], "attempts": attempts, "failure": reason}
         message = f"iteration {i}: fusion failed after {attempts} attempt(s) within {self.swarm.boundary_deadline:.0f} s ({reason}); set swarm.on_fusion_failure: skip to go on without it"
-        self.tracker.publish_assignment(i, {"iteration": i, "contributors": ready, "group": ready, "failure": message})
+        self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "failure": message})
         raise P2PColdError(message)
 
     def cleanup(self) -> None:

@@ -49,15 +49,16 @@ def test_a_failed_fusion_is_retried_and_the_retry_is_used():
     averaged = {"w": torch.ones(2)}
     members = {"r": GroupMember("r", 0.0, {"dataset": "(repository)"}), "a": GroupMember("a", 1.0, {"dataset": "a"})}
     repo = repository([failed(), FusionResult(FusionStatus.OK, 0, averaged, group_size=2, members=members, attempts=1)])
-    record = repo._fuse(0, ["a"])
+    record = repo._fuse(0, ["a", "c"], ["a"])
     assert record == {"status": "ok", "members": ["a"], "attempts": 2, "failure": None}
     assert repo.state.base is averaged and repo.averager.calls == 2
+    assert repo.tracker.published[0] == {"iteration": 0, "contributors": ["a", "c"], "group": ["a"], "fused": ["a"]}  # the peers stop retrying
 
 
 def test_a_fusion_still_failing_at_the_deadline_stops_the_run_and_tells_the_peers():
     repo = repository([])
     with pytest.raises(P2PColdError, match=r"^iteration 0: fusion failed after \d+ attempt\(s\) within 2 s \(partial all-reduce: a reducer failed\); set swarm.on_fusion_failure: skip"):
-        repo._fuse(0, ["a", "b"])
+        repo._fuse(0, ["a", "b"], ["a", "b"])
     assert repo.averager.calls >= 2  # retried until the deadline
     assert "fusion failed" in repo.tracker.published[0]["failure"] and repo.tracker.published[0]["group"] == ["a", "b"]
 
@@ -65,6 +66,6 @@ def test_a_fusion_still_failing_at_the_deadline_stops_the_run_and_tells_the_peer
 def test_skip_keeps_the_base_and_records_the_failure():
     repo = repository([], on_fusion_failure="skip")
     base = repo.state.base
-    record = repo._fuse(0, ["a"])
+    record = repo._fuse(0, ["a", "c"], ["a"])
     assert record["status"] == "failed" and record["attempts"] >= 2 and "reducer failed" in record["failure"]
     assert repo.state.base is base and repo.tracker.published == {}

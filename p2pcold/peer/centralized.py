@@ -14,7 +14,7 @@ import time
 import torch
 
 from p2pcold.peer.base import SwarmPeer, fusion_record, log
-from p2pcold.swarm import FusionOutcome, Phase
+from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import repository_word
 from p2pcold.utils import P2PColdError
 
@@ -88,20 +88,34 @@ class CentralizedPeer(SwarmPeer):
         self.save_checkpoint(record)
 
     def _fuse_with_repository(self, contribution) -> dict:
-        """All-reduce with the Repository and the other contributors of this iteration; retried with the
-        same body until it succeeds, the deadline passes, or the Repository has moved on."""
+        """All-reduce with the Repository and the other contributors of this iteration, until the
+        Repository says it holds θ_{i+1} (its word `fused`) or the deadline passes. An all-reduce can
+        fail on the Repository's side only; this peer then joins its retry with the same body (the same
+        inputs give the same mean), instead of moving on with a result the Repository never got."""
         swarm, i = self.config.swarm, self.iteration
         end = time.monotonic() + swarm.boundary_deadline
-        attempts = 0
-        while True:
-            fused = self._fuse(contribution, max(end - time.monotonic(), swarm.matchmaking_time + 1))
+        attempts, ok, reason = 0, None, ""
+
+        def repository_has_it() -> bool:
+            return repository_word(self.tracker.snapshot().assignments, i, "fused") is not None
+
+        while not repository_has_it() and end - time.monotonic() > swarm.matchmaking_time + 1:
+            fused = self._fuse(contribution, end - time.monotonic(), abort=repository_has_it)
             attempts += fused.attempts
             if fused.ok:
-                members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0)
-                self.tracker.update(last_group_size=len(members), last_fusion=FusionOutcome.OK, last_group=members, fusion_attempts=attempts, fusion_error=None)
-                return fusion_record(FusionOutcome.OK.value, members, attempts, None)
-            log.warning("iteration %d: fusion with the Repository failed (%s)", i, fused.reason)
-            moved_on = repository_word(self.tracker.snapshot().assignments, i + 1, "contributors") is not None
-            if moved_on or end - time.monotonic() <= swarm.matchmaking_time + 1:
-                self.tracker.update(last_fusion=FusionOutcome.FAILED, last_group=[], fusion_attempts=attempts, fusion_error=fused.reason)
-                return fusion_record(FusionOutcome.FAILED.value, [], attempts, fused.reason)
+                ok = fused
+                # the Repository's word normally follows at once; without it, it failed on its side and retries
+                window = time.monotonic() + swarm.matchmaking_time + 2 * swarm.next_chunk_timeout
+                while not repository_has_it() and time.monotonic() < min(window, end):
+                    self.tracker.wait_for_update(swarm.poll_interval)
+            elif fused.status is not FusionStatus.ABORTED:
+                reason = fused.reason
+                log.warning("iteration %d: fusion with the Repository failed (%s)", i, fused.reason)
+        word = repository_word(self.tracker.snapshot().assignments, i, "fused")
+        if word is not None:
+            members = sorted(word["fused"])
+            self.tracker.update(last_group_size=len(members), last_fusion=FusionOutcome.OK, last_group=members, fusion_attempts=attempts, fusion_error=None)
+            return fusion_record(FusionOutcome.OK.value, members, attempts, None)
+        reason = reason or ("the Repository did not confirm the fusion" if ok else "no fusion before the deadline")
+        self.tracker.update(last_fusion=FusionOutcome.FAILED, last_group=[], fusion_attempts=attempts, fusion_error=reason)
+        return fusion_record(FusionOutcome.FAILED.value, [], attempts, reason)
