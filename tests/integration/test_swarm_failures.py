@@ -62,7 +62,7 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
     fuses with them (normally), or, if it is back only after their last boundary (a very slow
     restart), it downloads their final body. A peer back later than that keeps its own update."""
     recipes = toy_recipes(tmp_path, 3)
-    iterations, slow_s = 6, 8
+    iterations, slow_s = 8, 8  # the restart has 6 boundaries (~70 s) to come back: its imports alone took 56 s under load
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm={"target_group_size": 3, "min_group_size": 2})
     maddr = swarm.bootstrap(config)
     survivors = {name: swarm.peer(name, config, recipe, maddr, *slow(slow_s)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
