@@ -1,4 +1,4 @@
-"""One real p2pcold peer (`p2pcold.peer.Peer`) with timers, for the utilisation benchmark.
+"""One real p2pcold peer (`p2pcold.peer.DecentralizedPeer`) with timers, for the utilisation benchmark.
 
 Usage: python -m benchmarks.utilisation_peer '<json options>' (driven by benchmarks/utilisation.py).
 Options: dataset (recipe path), run_dir, initial_peers, slow (bool), schedule (per iteration:
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import peak_rss_mib, reply, serve, tree_pss_mib, wait_until
 from p2pcold.config import Budget, FinetuneConfig, RunConfig, SwarmConfig
-from p2pcold.peer import Peer
+from p2pcold.peer import DecentralizedPeer
 from p2pcold.swarm import visible_maddrs
 
 
@@ -49,7 +49,7 @@ class HalfSpeed:
         self.last = time.perf_counter()
 
 
-class TimedPeer(Peer):
+class TimedPeer(DecentralizedPeer):
     def __init__(self, *args, schedule: list[dict], slow: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule, self.slow = schedule, slow
@@ -59,7 +59,7 @@ class TimedPeer(Peer):
     def setup(self) -> None:
         super().setup()
         if self.halfspeed is not None:
-            self.body.register_forward_pre_hook(self.halfspeed)
+            self.state.body.register_forward_pre_hook(self.halfspeed)
 
     def run_iteration(self, *args, **kwargs) -> None:
         plan = self.schedule[self.iteration]

@@ -132,11 +132,12 @@ def _swarm_run_config(args: argparse.Namespace):
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from p2pcold.peer import Peer
+    from p2pcold.peer import CentralizedPeer, DecentralizedPeer
 
     config = _swarm_run_config(args)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
-    peer = Peer(config, args.dataset, args.initial_peers, run_dir, device=args.device, centralized=args.centralized, show_progress=args.progress)
+    protocol = CentralizedPeer if args.centralized else DecentralizedPeer
+    peer = protocol(config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress)
     raise_on_sigterm()
     try:
         peer.setup()
@@ -200,11 +201,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"run {config.run_id}: no live peers")
         return 0
     now = time.time()
-    header = ["peer", "dataset", "iteration", "phase", "loss", "dev acc", "ex/s", "group", "last seen"]
+    header = ["peer", "dataset", "iteration", "phase", "loss", "dev acc", "ex/s", "group", "last boundary", "last seen"]
     table = [header] + [
         [
             r["peer_id"][-8:], r["dataset"], str(r["iteration"]), r["phase"], _num(r["train_loss"]), _num(r["dev_accuracy"]),
-            _num(r["examples_per_second"], 1), "-" if r["last_group_size"] is None else str(r["last_group_size"]), f"{now - r['last_seen']:.0f} s ago",
+            _num(r["examples_per_second"], 1), "-" if r["last_group_size"] is None else str(r["last_group_size"]), _boundary_cell(r), f"{now - r['last_seen']:.0f} s ago",
         ]
         for r in rows
     ]
@@ -212,6 +213,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run {config.run_id}: {len(rows)} live peer(s)")
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
     return 0
+
+
+def _boundary_cell(record: dict) -> str:
+    """What the peer's last boundary produced, e.g. `ok/2 tries` or `failed/3 tries`."""
+    if not record.get("last_fusion"):
+        return "-"
+    attempts = record.get("fusion_attempts") or 0
+    return f"{record['last_fusion']}/{attempts} tr{'y' if attempts == 1 else 'ies'}"
 
 
 def _num(value, digits: int = 4) -> str:

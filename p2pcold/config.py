@@ -323,6 +323,9 @@ class SwarmConfig:
     # --- centralized mode (the Repository, paper §2.3)
     peer_wait_timeout: float = 60.0  # the Repository waits this long for every configured dataset's peer to connect
     contributor_deadline: float = 3600.0  # the Repository waits this long for the sampled contributors to finish
+    # What the Repository does when an iteration's fusion still fails at boundary_deadline (after retries):
+    # `error` stops the run with a one-line error (non-zero exit); `skip` keeps θ_{i+1} = θ_i and goes on.
+    on_fusion_failure: Literal["error", "skip"] = "error"
     assignment_timeout: float = 7200.0  # a peer waits this long for the Repository's next assignment or go
     poll_interval: float = 0.5  # how often a waiting process re-reads a DHT record
     dht_request_timeout: float = 10.0  # one DHT get/store (progress records, identity reads inside join_timeout)
@@ -334,6 +337,8 @@ def validate_swarm_config(config: SwarmConfig) -> None:
     """Reject settings hivemind would deadlock or assert on, with one-line messages."""
     if config.compression not in ("none", "fp16", "8bit"):
         raise P2PColdError(f"swarm: compression={config.compression!r} is not one of none, fp16, 8bit")
+    if config.on_fusion_failure not in ("error", "skip"):
+        raise P2PColdError(f"swarm: on_fusion_failure={config.on_fusion_failure!r} is not one of error, skip")
     if not 0 <= config.port <= 65535:
         raise P2PColdError(f"swarm: port={config.port} is not a TCP port")
     if config.min_group_size < 2:
@@ -356,3 +361,27 @@ def validate_swarm_config(config: SwarmConfig) -> None:
         raise P2PColdError("swarm: request_timeout must be below matchmaking_time (hivemind matchmaking can deadlock)")
     if config.boundary_deadline <= config.matchmaking_time:
         raise P2PColdError("swarm: boundary_deadline must exceed matchmaking_time")
+
+
+# --------------------------------------------------------------------------- the run contract
+
+# Fields every peer of a run must share, or their fused bodies mean different things. Not in it: the
+# model's name (θ0's hash decides, and machines spell local folders differently), the dataset, and
+# finetune.budget (a contributor's share of work: peers may finetune for different lengths).
+CONTRACT_FIELDS = (
+    "num_hidden_layers", "iterations", "contributors_per_iteration", "fusion_weighting", "seed",
+    "finetune.learning_rate", "finetune.weight_decay", "finetune.warmup_ratio", "finetune.batch_size",
+    "finetune.gradient_accumulation", "finetune.max_length", "finetune.head", "finetune.dropout",
+    "finetune.optimizer", "finetune.precision",
+)  # fmt: skip
+
+
+def run_contract(config) -> dict:
+    """`CONTRACT_FIELDS` of a run config, by dotted name (scalars only)."""
+    contract = {}
+    for name in CONTRACT_FIELDS:
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part)
+        contract[name] = value
+    return contract

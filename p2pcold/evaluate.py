@@ -10,6 +10,10 @@ is frozen, so this is the same optimisation as running the body every step, and 
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -17,7 +21,7 @@ from p2pcold.config import EvalConfig, load_dataset_spec
 from p2pcold.data import PreparedDataset, few_shot, make_loader, prepare_dataset
 from p2pcold.finetune import accuracy, finetune
 from p2pcold.model import Classifier, hidden_size, load_body_state, new_head
-from p2pcold.results import EvalResult
+from p2pcold.results import EvalResult, write_results_and_plots
 from p2pcold.utils import derive_seed, get_logger
 
 log = get_logger("evaluate")
@@ -108,3 +112,20 @@ class Evaluator:
         train_probe(head, train_x, train_y, self.config.frozen_epochs, self.config.frozen_learning_rate, batch, seed)
         with torch.no_grad():
             return float((head(test_x).argmax(-1) == test_y).float().mean())
+
+
+def evaluate_and_record(
+    evaluator: Evaluator,
+    results: Sequence[EvalResult],
+    base: dict[str, torch.Tensor],
+    label: str,
+    iteration: int,
+    folder: str | Path,
+    fusion: dict | None = None,
+) -> list[EvalResult]:
+    """Evaluate `base` (θ_iteration), replace that iteration's rows of `results` with the new ones
+    (carrying the boundary's `fusion` record), and write results files and plots into `folder`."""
+    rows = [dataclasses.replace(r, fusion=fusion) for r in evaluator.evaluate(base, label, iteration)]
+    results = [r for r in results if r.iteration != iteration] + rows
+    write_results_and_plots(results, folder)
+    return results

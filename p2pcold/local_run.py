@@ -25,22 +25,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from p2pcold.config import RunConfig, load_dataset_spec, to_dict
-from p2pcold.evaluate import Evaluator
+from p2pcold.evaluate import Evaluator, evaluate_and_record
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import average, sample_contributors
-from p2pcold.model import (
-    CheckpointMeta,
-    body_state,
-    latest_checkpoint,
-    load_body,
-    load_body_state,
-    load_heads,
-    load_tokenizer,
-    read_metadata,
-    save_run_checkpoint,
-)
-from p2pcold.results import EvalResult, plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
-from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger, state_dict_hash
+from p2pcold.results import EvalResult, read_results, summary_table
+from p2pcold.run_state import RunState
+from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger
 
 log = get_logger("local_run")
 
@@ -53,7 +43,6 @@ class LocalRun:
         self.device = resolve_device(device)
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
-        self.iteration = 0  # the base θ_i currently held
         self.results: list[EvalResult] = []
         self.history: list[dict] = []
 
@@ -64,18 +53,16 @@ class LocalRun:
         if config.finetune.num_threads:
             torch.set_num_threads(config.finetune.num_threads)
         self._check_output_dir()
-        self.tokenizer = load_tokenizer(config.model)
-        self.body = load_body(config.model, config.num_hidden_layers)
-        self.base = body_state(self.body)
-        self.base_hash = state_dict_hash(self.base)
+        self.state = RunState(config, self.output_dir)
+        self.tokenizer = self.state.tokenizer
         specs = [load_dataset_spec(name) for name in config.datasets]
         log.info("preparing %d contributor datasets", len(specs))
         self.contributors = {spec.name: Contributor(spec, self.tokenizer, config.finetune, config.seed) for spec in specs}
         self.evaluator = None
         if config.eval.datasets:
             # The evaluator loads each base into a working body of its own.
-            self.evaluator = Evaluator(config.eval, self.tokenizer, copy.deepcopy(self.body), config.seed, self.device, set(self.contributors))
-        if latest_checkpoint(self.output_dir):
+            self.evaluator = Evaluator(config.eval, self.tokenizer, copy.deepcopy(self.state.body), config.seed, self.device, set(self.contributors))
+        if self.state.resume() is not None:
             self._resume()
         elif self.evaluator and config.eval.every:
             self._evaluate("pretrained")
@@ -89,21 +76,21 @@ class LocalRun:
         else:
             atomic_write_bytes(saved, resolved.encode())
 
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
+
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        return self.state.base
+
     def _resume(self) -> None:
-        path = latest_checkpoint(self.output_dir)
-        meta = read_metadata(path)
-        if meta.base_hash != self.base_hash:
-            raise P2PColdError(f"{path}: checkpoint was made from another base model (hash {meta.base_hash[:12]})")
-        self.body = load_body(str(path))
-        self.base = body_state(self.body)
-        for name, head in load_heads(path).items():
+        for name, head in self.state.heads.items():
             if name in self.contributors:
                 self.contributors[name].head_state = head
-        self.iteration = meta.iteration
         self.history = [h for h in self._read_json("iterations.json", []) if h["iteration"] < self.iteration]
         if (self.output_dir / "results.json").is_file():
             self.results = [r for r in read_results(self.output_dir / "results.json") if r.iteration <= self.iteration]
-        log.info("resumed from %s at iteration %d", path, self.iteration)
 
     def _read_json(self, name: str, default):
         path = self.output_dir / name
@@ -125,14 +112,15 @@ class LocalRun:
         names = sample_contributors(list(self.contributors), self.config.contributors_per_iteration, self.config.seed, i)
         log.info("iteration %d: contributors %s", i, ", ".join(names))
         contributions = [
-            self.contributors[name].contribute(self.body, self.base, i, self.device, self.show_progress) for name in names
+            self.contributors[name].contribute(self.state.body, self.base, i, self.device, self.show_progress) for name in names
         ]
         weights = [c.result.examples for c in contributions] if self.config.fusion_weighting == "examples" else None
-        self.base = average([c.body for c in contributions], weights, labels=names)
-        self.iteration = i + 1
+        self.state.base = average([c.body for c in contributions], weights, labels=names)
+        self.state.iteration = i + 1
         self.history.append(
             {
                 "iteration": i,
+                "fusion": {"members": sorted(names), "attempts": 1, "status": "ok", "failure": None},
                 "contributors": {
                     c.dataset: {**dataclasses.asdict(c.result), "examples_per_second": c.result.examples_per_second}
                     for c in contributions
@@ -150,28 +138,17 @@ class LocalRun:
         self.save_checkpoint()
 
     def _evaluate(self, label: str) -> None:
-        self.results = [r for r in self.results if r.iteration != self.iteration]
-        self.results += self.evaluator.evaluate(self.base, label, self.iteration)
-        write_results(self.results, self.output_dir)
-        plot_accuracy(self.results, self.output_dir / "accuracy.png")
-        if self.iteration > 0:
-            plot_gain_per_dataset(self.results, self.output_dir / "gain_per_dataset.png")
+        fusion = self.history[-1]["fusion"] if self.history and self.iteration > 0 else None
+        self.results = evaluate_and_record(self.evaluator, self.results, self.base, label, self.iteration, self.output_dir, fusion)
 
     # ------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self) -> Path:
         """Write θ_i and the heads, then point latest.json at it: a crash in between loses nothing."""
-        load_body_state(self.body, self.base)
-        meta = CheckpointMeta(
-            iteration=self.iteration,
-            run_id=self.config.run_id,
-            base_model=self.config.model,
-            base_hash=self.base_hash,
-            extra={"history": self.history[-1] if self.history else {}},
-        )
+        last = self.history[-1] if self.history else {}
         heads = {name: c.head_state for name, c in self.contributors.items() if c.head_state is not None}
         atomic_write_json(self.output_dir / "iterations.json", self.history)
-        return save_run_checkpoint(self.output_dir, self.body, self.tokenizer, meta, heads)
+        return self.state.save_checkpoint(heads, extra={"history": last, "fusion": last.get("fusion")})
 
     def summary(self) -> str:
         return summary_table(self.results) if self.results else "(no evaluation configured)"

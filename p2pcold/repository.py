@@ -12,21 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from p2pcold.config import RunConfig, load_dataset_spec
+from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.fusion import sample_contributors
-from p2pcold.model import (
-    CheckpointMeta,
-    body_state,
-    latest_checkpoint,
-    load_body,
-    load_body_state,
-    load_tokenizer,
-    read_metadata,
-    save_run_checkpoint,
-)
-from p2pcold.swarm import BodyAverager, RunIdentity, join_run, read_progress
-from p2pcold.swarm.records import assignment_key, put_record
-from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
+from p2pcold.run_state import RunState
+from p2pcold.swarm import BodyAverager, FusionResult, RunIdentity, SwarmTracker, join_run
+from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
+from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("repository")
 
@@ -39,96 +30,110 @@ class Repository:
         self.dht = dht
         self.run_dir = Path(run_dir)
         self.swarm = config.swarm
-        self.averager = None
+        self.state: RunState | None = None
+        self.averager = self.tracker = None
+        self.participants: set[str] = set()  # datasets of the peers it sampled from
+
+    @property
+    def iteration(self) -> int:
+        return 0 if self.state is None else self.state.iteration
 
     def setup(self) -> None:
         config = self.config
         # Peers report their recipe's name; the config may list recipes by name or by path.
         self.dataset_names = sorted(load_dataset_spec(name).name for name in config.datasets)
-        self.tokenizer = load_tokenizer(config.model)
-        self.body = load_body(config.model, config.num_hidden_layers)
-        theta0 = body_state(self.body)
-        self.base_hash = state_dict_hash(theta0)
-        self.iteration, self.base = 0, theta0
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is not None:
-            meta = read_metadata(checkpoint)
-            if meta.base_hash != self.base_hash:
-                raise P2PColdError(f"{checkpoint}: checkpoint was made from another base model")
-            self.iteration, self.base = meta.iteration, body_state(load_body(str(checkpoint)))
-            log.info("Repository resumed from %s at iteration %d", checkpoint, self.iteration)
-        join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, theta0), self.swarm)
+        self.state = RunState(config, self.run_dir)
+        if self.state.resume() is not None:
+            log.info("Repository resumed at iteration %d", self.iteration)
+        theta0 = self.state.theta0
+        join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, theta0, run_contract(config)), self.swarm)
+        self.tracker = SwarmTracker(self.dht, config.run_id, self.swarm)
         self.averager = BodyAverager(self.dht, config.run_id, theta0, self.swarm, reference=theta0)
-        self.averager.set_shared_state(self.iteration, self.base)
-
-    def _publish(self, iteration: int, record: dict) -> None:
-        if not put_record(self.dht, assignment_key(self.config.run_id), str(iteration), record, self.swarm.assignment_timeout, self.swarm.dht_request_timeout):
-            raise P2PColdError(f"could not publish the assignment of iteration {iteration} in the DHT")
-
-    def _connected(self) -> dict[str, str]:
-        """dataset -> phase of every live peer of this run."""
-        return {p.dataset: p.phase for p in read_progress(self.dht, self.config.run_id, self.swarm.dht_request_timeout)}
+        self.averager.set_shared_state(self.iteration, self.state.base)
 
     def _wait_for_peers(self) -> list[str]:
-        wanted = set(self.dataset_names)
         deadline = time.monotonic() + self.swarm.peer_wait_timeout
         while True:
-            live = set(self._connected()) & wanted
-            if live == wanted or time.monotonic() > deadline:
+            live = connected_datasets(self.tracker.snapshot().peers, self.dataset_names)
+            if live == self.dataset_names or time.monotonic() > deadline:
                 break
-            time.sleep(self.swarm.poll_interval)
+            self.tracker.wait_for_update(self.swarm.poll_interval)
         if not live:
             raise P2PColdError(f"no peer of the run's datasets connected within {self.swarm.peer_wait_timeout:.0f} s")
-        if live != wanted:
-            log.warning("sampling among the connected datasets only; missing: %s", ", ".join(sorted(wanted - live)))
-        return sorted(live)
+        self.participants.update(live)
+        if live != self.dataset_names:
+            log.warning("sampling among the connected datasets only; missing: %s", ", ".join(sorted(set(self.dataset_names) - set(live))))
+        return live
 
     def _wait_until_ready(self, iteration: int, contributors: list[str]) -> list[str]:
         deadline = time.monotonic() + self.swarm.contributor_deadline
         while True:
-            records = read_progress(self.dht, self.config.run_id, self.swarm.dht_request_timeout)
-            ready = sorted({p.dataset for p in records if p.iteration == iteration and p.phase == "ready"} & set(contributors))
+            ready = ready_contributors(iteration, self.tracker.snapshot().peers, contributors)
             if ready == contributors or time.monotonic() > deadline:
                 return ready
-            time.sleep(self.swarm.poll_interval)
+            self.tracker.wait_for_update(self.swarm.poll_interval)
 
     def train(self) -> None:
         while self.iteration < self.config.iterations:
             self.run_iteration()
-        self._publish(self.iteration, {"iteration": self.iteration, "contributors": [], "final": True})
+        self.tracker.publish_assignment(self.iteration, {"iteration": self.iteration, "contributors": [], "final": True})
         log.info("Repository: run complete at iteration %d; serving θ_%d until the peers have it", self.iteration, self.iteration)
+        # every peer that took part must be seen done once: one DHT read may miss a record
+        not_done = set(self.participants) | set(connected_datasets(self.tracker.snapshot().peers, self.dataset_names))
         deadline = time.monotonic() + self.swarm.peer_wait_timeout
-        while time.monotonic() < deadline and any(phase != "done" for phase in self._connected().values()):
-            time.sleep(self.swarm.poll_interval)
+        while not_done and time.monotonic() < deadline:
+            not_done -= set(done_datasets(self.tracker.wait_for_update(self.swarm.poll_interval).peers))
+        if not_done:
+            log.warning("stopped serving θ_%d after %.0f s; not done: %s", self.iteration, self.swarm.peer_wait_timeout, ", ".join(sorted(not_done)))
 
     def run_iteration(self) -> None:
         i = self.iteration
         contributors = sample_contributors(self._wait_for_peers(), self.config.contributors_per_iteration, self.config.seed, i)
-        self._publish(i, {"iteration": i, "contributors": contributors})
+        self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors})
         log.info("iteration %d: contributors %s", i, ", ".join(contributors))
         ready = self._wait_until_ready(i, contributors)
         if ready != contributors:
             log.warning("iteration %d: %s missed the deadline", i, ", ".join(sorted(set(contributors) - set(ready))))
-        self._publish(i, {"iteration": i, "contributors": contributors, "group": ready})
-        if ready:
-            fused = self.averager.fuse(self.base, i, 0.0, self.swarm.boundary_deadline, {"dataset": "(repository)"}, share_result=False)
-            got = sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0)
-            if fused.ok and got == ready:
-                self.base = fused.averaged
-            elif fused.ok:
-                log.warning("iteration %d: fused %s, not the expected %s", i, got, ready)
-                self.base = fused.averaged
-            else:
-                log.warning("iteration %d: fusion failed (%s); θ_%d = θ_%d", i, fused.reason, i + 1, i)
-        self.iteration = i + 1
-        self.save_checkpoint(contributors=contributors, fused=ready)
-        self.averager.set_shared_state(self.iteration, self.base)
+        self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready})
+        fusion = self._fuse(i, contributors, ready) if ready else {"status": "skipped", "members": [], "attempts": 0, "failure": "no contributor was ready"}
+        self.state.iteration = i + 1
+        self.state.save_checkpoint(extra={"contributors": contributors, "fused": ready, "fusion": fusion})
+        self.averager.set_shared_state(self.iteration, self.state.base)
 
-    def save_checkpoint(self, **extra) -> Path:
-        load_body_state(self.body, self.base)
-        meta = CheckpointMeta(iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra=extra)
-        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta)
+    def _fuse(self, i: int, contributors: list[str], ready: list[str]) -> dict:
+        """All-reduce with the ready contributors (weight 0: the Repository receives their average),
+        retried with the same base until it succeeds or `boundary_deadline` passes. A fusion that still
+        fails is an error unless `swarm.on_fusion_failure` is `skip` (then θ_{i+1} = θ_i)."""
+        end = time.monotonic() + self.swarm.boundary_deadline
+        attempts, fused = 0, None
+        while end - time.monotonic() > self.swarm.matchmaking_time + 1:
+            fused = self.averager.fuse(self.state.base, i, 0.0, end - time.monotonic(), {"dataset": "(repository)"}, share_result=False)
+            attempts += fused.attempts
+            if fused.ok:
+                break
+            log.warning("iteration %d: fusion attempt failed (%s); retrying until the deadline", i, fused.reason)
+        got = sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0) if fused else []
+        if fused is not None and fused.ok:
+            if got != ready:
+                log.warning("iteration %d: fused %s, not the expected %s", i, got, ready)
+            self.state.base = fused.averaged
+            # the contributors stop retrying once they read this
+            self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "fused": got})
+            return {"status": "ok", "members": got, "attempts": attempts, "failure": None}
+        reason = _failure(fused)
+        if self.swarm.on_fusion_failure == "skip":
+            log.warning("iteration %d: fusion failed after %d attempt(s) (%s); skipped: θ_%d = θ_%d", i, attempts, reason, i + 1, i)
+            return {"status": "failed", "members": [], "attempts": attempts, "failure": reason}
+        message = f"iteration {i}: fusion failed after {attempts} attempt(s) within {self.swarm.boundary_deadline:.0f} s ({reason}); set swarm.on_fusion_failure: skip to go on without it"
+        self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "failure": message})
+        raise P2PColdError(message)
 
     def cleanup(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close(self.swarm.shutdown_timeout)
         if self.averager is not None:
             self.averager.shutdown(stop_dht=False)
+
+
+def _failure(fused: FusionResult | None) -> str:
+    return "no time left for a fusion attempt" if fused is None else fused.reason or fused.status.value

@@ -25,6 +25,9 @@ class EvalResult:
     seen: bool | None  # did a contributor train on this dataset? None when unknown
     few_shot: int | None
     train_examples: int
+    # What the boundary that produced this base did: {"members": [...], "attempts": n, "status": ...,
+    # "failure": ...} (None for θ0, and in files written before it was recorded).
+    fusion: dict | None = None
 
 
 FIELDS = [f.name for f in dataclasses.fields(EvalResult)]
@@ -36,14 +39,24 @@ def write_results(results: Sequence[EvalResult], folder: str | Path, stem: str =
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, "fusion": "" if row["fusion"] is None else json.dumps(row["fusion"], sort_keys=True)} for row in rows)
     atomic_write_bytes(folder / f"{stem}.csv", buffer.getvalue().encode())
     atomic_write_json(folder / f"{stem}.json", rows)
     return folder / f"{stem}.csv", folder / f"{stem}.json"
 
 
 def read_results(path: str | Path) -> list[EvalResult]:
+    """Rows of a results.json, also one written before a field with a default existed."""
     return [EvalResult(**row) for row in json.loads(Path(path).read_text())]
+
+
+def write_results_and_plots(results: Sequence[EvalResult], folder: str | Path) -> None:
+    """results.csv / .json, accuracy.png, and gain_per_dataset.png once a fused base was evaluated."""
+    folder = Path(folder)
+    write_results(results, folder)
+    plot_accuracy(results, folder / "accuracy.png")
+    if any(r.iteration > 0 for r in results):
+        plot_gain_per_dataset(results, folder / "gain_per_dataset.png")
 
 
 def summary_table(results: Sequence[EvalResult]) -> str:

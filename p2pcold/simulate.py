@@ -100,10 +100,10 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     iteration in order, however far behind the peers it is, and then deletes the source peer's
     older checkpoints, which only the evaluator needed.
     """
-    from p2pcold.evaluate import Evaluator
+    from p2pcold.evaluate import Evaluator, evaluate_and_record
     from p2pcold.finetune import resolve_device
-    from p2pcold.model import body_state, load_body, load_tokenizer
-    from p2pcold.results import plot_accuracy, plot_gain_per_dataset, read_results, write_results
+    from p2pcold.model import body_state, load_body, load_tokenizer, read_metadata
+    from p2pcold.results import read_results
 
     torch.set_num_threads(threads)
     config = load_run_config(run_dir / "config.yaml")
@@ -119,16 +119,12 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     def status(phase: str, iteration: int) -> None:
         atomic_write_json(run_dir / "evaluator.json", {"phase": phase, "iteration": iteration, "time": time.time()})
 
-    def record(base, label: str, iteration: int) -> None:
+    def record(base, label: str, iteration: int, fusion: dict | None = None) -> None:
         nonlocal results
         status("evaluating", iteration)
-        results = [r for r in results if r.iteration != iteration] + evaluator.evaluate(base, label, iteration)
-        write_results(results, run_dir)
-        plot_accuracy(results, run_dir / "accuracy.png")
-        if iteration > 0:
-            plot_gain_per_dataset(results, run_dir / "gain_per_dataset.png")
-            if config.simulate.keep_best and best_iteration(results) == iteration:
-                copy_checkpoint(last_copy, run_dir / "checkpoints" / "best")
+        results = evaluate_and_record(evaluator, results, base, label, iteration, run_dir, fusion)
+        if iteration > 0 and config.simulate.keep_best and best_iteration(results) == iteration:
+            copy_checkpoint(last_copy, run_dir / "checkpoints" / "best")
 
     last_copy = run_dir / "checkpoints" / "last"
     done = {r.iteration for r in results}
@@ -144,7 +140,7 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
             continue
         iteration, checkpoint = ready
         copy_checkpoint(checkpoint, last_copy)
-        record(body_state(load_body(str(last_copy))), "fused", iteration)
+        record(body_state(load_body(str(last_copy))), "fused", iteration, read_metadata(last_copy).extra.get("fusion"))
         last = iteration
         for old in (source / "checkpoints").glob("iter-*"):  # evaluated: the source peer no longer needs them
             if int(old.name.split("-")[1]) < iteration:

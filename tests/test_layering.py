@@ -11,7 +11,7 @@ LAYER = {
     "utils": 0, "testing": 0,
     "config": 1,
     "data": 2, "model": 2, "fusion": 2, "results": 2,
-    "finetune": 3, "swarm": 3,
+    "finetune": 3, "swarm": 3, "run_state": 3,
     "evaluate": 4,
     "local_run": 5, "peer": 5, "repository": 5,
     "simulate": 6,

@@ -5,7 +5,8 @@ import torch
 
 from p2pcold.config import RunConfig, from_dict
 from p2pcold.local_run import LocalRun
-from p2pcold.model import body_state, load_body
+from p2pcold.model import body_state, load_body, read_metadata
+from p2pcold.results import read_results
 from p2pcold.utils import P2PColdError, state_dict_hash
 from toy_data import write_toy_datasets
 
@@ -44,6 +45,14 @@ def test_run_writes_checkpoints_results_and_plot(tmp_path, tiny_model_dir):
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "results.csv").is_file()
     history = json.loads((out / "iterations.json").read_text())
     assert [len(h["contributors"]) for h in history] == [2, 2, 2]  # k=2 sampled per iteration
+    # what each boundary produced, next to the evaluation rows of that iteration and in the checkpoint
+    for row in results:
+        fusion = row["fusion"]
+        assert fusion is None if row["iteration"] == 0 else fusion == {"status": "ok", "members": sorted(history[row["iteration"] - 1]["contributors"]), "attempts": 1, "failure": None}
+    assert read_metadata(out / "checkpoints" / "iter-0003").extra["fusion"]["members"] == sorted(history[2]["contributors"])
+    old_rows = [{k: v for k, v in r.items() if k != "fusion"} for r in results]  # a results.json written before the field
+    (tmp_path / "old.json").write_text(json.dumps(old_rows))
+    assert [r.fusion for r in read_results(tmp_path / "old.json")] == [None] * len(results)
     assert "CoLD" in run.summary()
     fused = load_body(str(out / "checkpoints" / "iter-0003"))
     assert state_dict_hash(body_state(fused)) == state_dict_hash(run.base)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import hivemind
@@ -51,10 +52,20 @@ class RunIdentity:
     protocol: int = PROTOCOL_VERSION
     founder: str = ""  # peer id of the peer that published the run first
     created_at: float = 0.0  # DHT time of that first publication
+    contract_hash: str = ""  # contract_hash(contract)
+    contract: dict = field(default_factory=dict, hash=False)  # config.run_contract: what must be equal across peers
 
     @classmethod
-    def for_body(cls, run_id: str, base_model: str, body: Mapping[str, torch.Tensor]) -> "RunIdentity":
-        return cls(run_id=run_id, base_model=base_model, body_hash=state_dict_hash(body), schema_hash=body_schema_hash(body))
+    def for_body(cls, run_id: str, base_model: str, body: Mapping[str, torch.Tensor], contract: Mapping[str, Any] | None = None) -> "RunIdentity":
+        contract = dict(contract or {})
+        return cls(
+            run_id=run_id,
+            base_model=base_model,
+            body_hash=state_dict_hash(body),
+            schema_hash=body_schema_hash(body),
+            contract_hash=contract_hash(contract),
+            contract=contract,
+        )
 
     def differences(self, other: "RunIdentity") -> list[str]:
         """Human-readable differences between the swarm's identity (`self`) and a joiner's (`other`).
@@ -76,6 +87,12 @@ class RunIdentity:
             if mine != theirs:
                 show = (lambda v: f"{str(v)[:12]}…") if is_hash else repr
                 out.append(f"{label} differs: swarm has {show(mine)}, you have {show(theirs)}")
+        if self.contract_hash != other.contract_hash:
+            names = sorted(set(self.contract) | set(other.contract))
+            fields = [n for n in names if self.contract.get(n) != other.contract.get(n)]
+            out += [f"{n} differs: swarm has {self.contract.get(n)!r}, you have {other.contract.get(n)!r}" for n in fields]
+            if not fields:
+                out.append(f"run contract differs: swarm has {self.contract_hash[:12]}…, you have {other.contract_hash[:12]}…")
         return out
 
     def to_record(self) -> dict[str, Any]:
@@ -92,11 +109,18 @@ class RunIdentity:
             and isinstance(identity.protocol, int)
             and isinstance(identity.founder, str)
             and isinstance(identity.created_at, (int, float))
+            and isinstance(identity.contract_hash, str)
+            and isinstance(identity.contract, dict)
         )
         return identity if types_ok else None
 
     def _order(self) -> tuple[float, str]:
         return (float(self.created_at), self.founder)
+
+
+def contract_hash(contract: Mapping[str, Any]) -> str:
+    """sha256 of the contract's canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(dict(contract), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def identity_key(run_id: str) -> str:

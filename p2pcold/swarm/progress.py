@@ -7,9 +7,10 @@ or left) disappears from `read_progress` by itself; there is no removal message 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hivemind
 
@@ -21,24 +22,59 @@ logger = get_logger(__name__)
 DEFAULT_DHT_REQUEST_TIMEOUT = 10.0  # = SwarmConfig.dht_request_timeout's default
 
 
+class Phase(str, enum.Enum):
+    """Every phase a peer publishes (records are plain strings on the wire: `Phase.DONE == "done"`)."""
+
+    JOINING = "joining"  # admitted to the run, loading its start state
+    DOWNLOADING = "downloading"  # downloading a newer base from the swarm (or the Repository)
+    FINETUNING = "finetuning"  # training θ_i on its dataset
+    AVERAGING = "averaging"  # at the boundary: waiting for the others, then the all-reduce
+    WAITING = "waiting"  # centralized: waiting for the Repository's assignment of this iteration
+    READY = "ready"  # centralized: finetuned, waiting for the Repository's go to fuse
+    DONE = "done"  # reached the run's last iteration (may still serve the final base)
+
+
+class FusionOutcome(str, enum.Enum):
+    """What the peer's last boundary produced (`PeerProgress.last_fusion`)."""
+
+    OK = "ok"  # fused with a group; `last_group` names it
+    FAILED = "failed"  # a group was there but no all-reduce completed by the deadline: kept its own update
+    SOLO = "solo"  # nobody else at that iteration: its own update is the base (a group of one)
+    ADOPTED = "adopted"  # took a fused base from the swarm (download) instead of its own
+
+
 @dataclass
 class PeerProgress:
-    """What a peer reports about itself; all metrics optional (None until known)."""
+    """What a peer reports about itself; all metrics optional (None until known).
+
+    `iteration` is the base θ_i the peer holds; the last_* fields describe the boundary that produced
+    it. Fields added after the first release have defaults, so older records still parse."""
 
     peer_id: str
     dataset: str
     iteration: int
-    phase: str  # e.g. "joining", "training", "fusing", "downloading", "evaluating", "done"
+    phase: str  # a Phase value
     train_loss: float | None = None
     dev_accuracy: float | None = None
     examples_per_second: float | None = None
     last_group_size: int | None = None
     last_seen: float = 0.0  # unix time of the publication (publish_progress sets it)
+    last_fusion: str | None = None  # a FusionOutcome value; None before the first boundary
+    last_group: list[str] = field(default_factory=list)  # datasets of the last group, this peer's included
+    fusion_attempts: int = 0  # all-reduce attempts made at the last boundary
+    fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
         progress = dataclass_from_record(cls, record)
-        if progress is None or not (isinstance(progress.peer_id, str) and isinstance(progress.iteration, int)):
+        if progress is None or not (
+            isinstance(progress.peer_id, str)
+            and isinstance(progress.dataset, str)
+            and isinstance(progress.iteration, int)
+            and isinstance(progress.phase, str)
+            and isinstance(progress.last_group, (list, tuple))
+            and isinstance(progress.fusion_attempts, int)
+        ):
             return None
         return progress
 
@@ -59,6 +95,10 @@ def publish_progress(
     if ttl <= 0:
         raise P2PColdError("swarm: progress ttl must be positive")
     record = dataclasses.asdict(dataclasses.replace(progress, last_seen=time.time()))
+    for name in ("phase", "last_fusion"):  # plain strings on the wire, not enum members
+        if isinstance(record[name], enum.Enum):
+            record[name] = record[name].value
+    record["last_group"] = list(record["last_group"])
     for name in ("train_loss", "dev_accuracy", "examples_per_second"):
         value = record[name]
         if value is not None and not math.isfinite(value):

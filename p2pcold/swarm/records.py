@@ -19,13 +19,18 @@ def assignment_key(run_id: str) -> str:
 
 def dataclass_from_record(cls: type, record: object) -> Any:
     """`cls` built from a DHT record holding one value per field, or None for anything else (records
-    come from other peers: a malformed one is ignored, never trusted)."""
+    come from other peers: a malformed one is ignored, never trusted). A field with a default may be
+    missing (a record from an older peer); one without a default may not."""
     if not isinstance(record, dict):
         return None
     try:
-        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record or not _has_default(f)})
     except (KeyError, TypeError):
         return None
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float) -> bool:

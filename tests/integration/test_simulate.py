@@ -65,6 +65,12 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
     results = json.loads((run / "results.json").read_text())
     assert sorted({r["iteration"] for r in results}) == [0, 1, 2]
     assert {(r["mode"], r["seen"]) for r in results} == {("cold", True), ("cold", False), ("frozen", True), ("frozen", False)}
+    # each fused base's rows say what its boundary produced (θ0's rows: nothing)
+    assert all(r["fusion"] is None for r in results if r["iteration"] == 0)
+    for r in results:
+        if r["iteration"] > 0:
+            assert r["fusion"]["status"] in ("ok", "solo", "failed", "adopted") and r["fusion"]["attempts"] >= 0, r
+            assert set(r["fusion"]["members"]) <= {"toy_flights", "toy_movies", "toy_phones"}, r
     for name in ("results.csv", "accuracy.png", "gain_per_dataset.png", "config.yaml", "checkpoints/last/model.safetensors"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["bootstrap.log", "evaluator.log", "peer00-toy_movies.log", "peer01-toy_flights.log", "peer02-toy_phones.log"]

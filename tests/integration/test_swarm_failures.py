@@ -62,7 +62,7 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
     fuses with them (normally), or, if it is back only after their last boundary (a very slow
     restart), it downloads their final body. A peer back later than that keeps its own update."""
     recipes = toy_recipes(tmp_path, 3)
-    iterations, slow_s = 6, 8
+    iterations, slow_s = 8, 8  # the restart has 6 boundaries (~70 s) to come back: its imports alone took 56 s under load
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm={"target_group_size": 3, "min_group_size": 2})
     maddr = swarm.bootstrap(config)
     survivors = {name: swarm.peer(name, config, recipe, maddr, *slow(slow_s)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
@@ -119,13 +119,13 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
 @pytest.fixture(scope="module")
 def running_swarm(tmp_path_factory, tiny_model_dir):
     """A bootstrap and two slow peers (3 s of finetuning per iteration), shared by the late-joiner and the
-    mismatched-model tests. The run is long (30 iterations) so that a late joiner started under any load
+    mismatched-model tests. The run is long (100 iterations) so that a late joiner started under any load
     still finds it running; the late-joiner test stops it with SIGTERM once it has what it checks."""
     folder = tmp_path_factory.mktemp("running-swarm")
     processes = SwarmProcesses(folder)
     try:
         recipes = toy_recipes(folder, 4)
-        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=30, swarm={"target_group_size": 3, "min_group_size": 2})
+        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=100, swarm={"target_group_size": 3, "min_group_size": 2})
         maddr = processes.bootstrap(config)
         peers = {name: processes.peer(name, config, recipe, maddr, *slow(3)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
         yield processes, folder, config, maddr, recipes, peers
@@ -153,6 +153,38 @@ def test_peer_with_another_base_model_is_refused(running_swarm):
     assert refused < 20, f"refused {refused:.0f} s after joining the DHT (join_timeout is 15 s)"
     assert elapsed < 90, f"refused {elapsed:.0f} s after the start"
     assert not (folder / "stranger" / "latest.json").exists()
+
+
+@pytest.mark.timeout(180)
+def test_peers_that_do_not_fit_the_run_are_refused_in_bounded_time_naming_why(running_swarm):
+    """Another learning rate or number of iterations (the run contract), or a second live peer on a
+    dataset that already has one: each is refused with one line that names the field or the dataset."""
+    processes, folder, config, maddr, recipes, peers = running_swarm
+    processes.wait_for_log("a", r"starts at iteration 0", timeout=90, proc=peers["a"])
+    iterations = yaml.safe_load(config.read_text())["iterations"]
+    expected = {  # name: (extra args, dataset, the refusal's last line)
+        "lr": (("--set", "finetune.learning_rate=0.002"), recipes[3], r".*: finetune\.learning_rate differs: swarm has 0\.001, you have 0\.002"),
+        "iterations": (("--set", f"iterations={iterations + 1}"), recipes[3], rf".*: iterations differs: swarm has {iterations}, you have {iterations + 1}"),
+        "twin": ((), recipes[0], r"dataset toy_\w+ already has a live peer in run 'itest' \(\w+\); .*shards.*"),
+    }
+    procs = {name: processes.peer(name, config, dataset, maddr, *extra) for name, (extra, dataset, _) in expected.items()}
+    connected, exited = {}, {}  # monotonic times: DHT node up (imports take most of the time before), exit
+    deadline = time.monotonic() + 150
+    while len(exited) < len(procs) and time.monotonic() < deadline:
+        for name, proc in procs.items():
+            if name not in connected and re.search(r"DHT node \w+ up", processes.log(name)):
+                connected[name] = time.monotonic()
+            if name not in exited and proc.poll() is not None:
+                exited[name] = time.monotonic()
+        time.sleep(0.2)
+    for name, proc in procs.items():
+        log = processes.log(name)
+        assert name in exited and proc.returncode == 2, log[-3000:]
+        last = log.strip().splitlines()[-1]
+        assert re.fullmatch(r"p2pcold: error: " + expected[name][2], last), last
+        assert "Traceback" not in log
+        # join_timeout (15 s); the twin: one re-publication period (progress_ttl / 3) plus a DHT read
+        assert exited[name] - connected[name] < FAST_SWARM["progress_ttl"] / 3 + 25, f"{name} refused too late"
 
 
 @pytest.mark.timeout(240)

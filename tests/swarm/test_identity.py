@@ -81,3 +81,19 @@ def test_two_simultaneous_founders_agree_on_one(swarm):
     assert join_run(late, "race", identities[winners[0]], config) == canonical
     with pytest.raises(P2PColdError, match="differs"):
         join_run(late, "race", identities[losers[0]], config)
+
+
+def test_a_different_run_contract_names_each_field_and_both_values():
+    from p2pcold.config import RunConfig, run_contract
+
+    mine, theirs = RunConfig(), RunConfig(iterations=7)
+    theirs.finetune.learning_rate = 1e-4
+    body = make_body(0)
+    swarm = RunIdentity.for_body("r", "m", body, run_contract(mine))
+    joiner = RunIdentity.for_body("r", "m", body, run_contract(theirs))
+    assert swarm.differences(RunIdentity.for_body("r", "m", body, run_contract(RunConfig()))) == []
+    assert swarm.differences(joiner) == [
+        "finetune.learning_rate differs: swarm has 5e-05, you have 0.0001",
+        "iterations differs: swarm has 3, you have 7",
+    ]
+    assert run_contract(mine)["finetune.batch_size"] == mine.finetune.batch_size and "finetune.budget" not in run_contract(mine)

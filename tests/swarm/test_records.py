@@ -43,3 +43,12 @@ def test_malformed_progress_is_ignored(record):
 )
 def test_malformed_identity_is_ignored(record):
     assert RunIdentity.from_record(record) is None
+
+
+def test_a_record_of_an_older_peer_without_the_newer_fields_still_parses():
+    old = {k: v for k, v in dataclasses.asdict(PROGRESS).items() if k not in ("last_fusion", "last_group", "fusion_attempts", "fusion_error")}
+    parsed = PeerProgress.from_record(old)
+    assert parsed == PROGRESS and parsed.last_fusion is None and parsed.last_group == []
+    assert PeerProgress.from_record({**dataclasses.asdict(PROGRESS), "last_group": "sst2"}) is None  # wrong type
+    identity = {k: v for k, v in dataclasses.asdict(IDENTITY).items() if k not in ("contract", "contract_hash")}
+    assert RunIdentity.from_record(identity) == IDENTITY

@@ -1,0 +1,144 @@
+"""What both kinds of swarm peer share: local state first, then the swarm (DHT, run identity, the
+tracker that owns this peer's view of the swarm, the averager), finetuning, checkpoints, cleanup."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from p2pcold.config import RunConfig, load_dataset_spec, run_contract
+from p2pcold.finetune import Contribution, Contributor, resolve_device
+from p2pcold.run_state import RunState
+from p2pcold.swarm import (
+    BodyAverager,
+    FusionResult,
+    PeerProgress,
+    Phase,
+    RunIdentity,
+    SwarmTracker,
+    join_run,
+    peer_id,
+    start_dht,
+    stop_dht,
+)
+from p2pcold.swarm.boundary import duplicate_dataset_peers
+from p2pcold.utils import P2PColdError, get_logger
+
+log = get_logger("peer")
+
+
+class SwarmPeer:
+    """setup() -> train() -> cleanup(); `iteration` / `base` (θ_i) live in `state` (a RunState)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        dataset: str,
+        initial_peers: list[str],
+        run_dir: str | Path,
+        device: str | None = None,
+        show_progress: bool = False,
+    ):
+        self.config = config
+        self.dataset = dataset
+        self.initial_peers = list(initial_peers)
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(device)
+        self.show_progress = show_progress
+        self.state: RunState | None = None
+        self.dht = self.averager = self.tracker = None
+        self.name = Path(dataset).stem
+        self.peer_id = ""
+
+    @property
+    def iteration(self) -> int:
+        return 0 if self.state is None else self.state.iteration
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        config = self.config
+        if config.finetune.num_threads:
+            torch.set_num_threads(config.finetune.num_threads)
+        # Local work first: a bad recipe, model or run folder fails before anything touches the network.
+        self.state = RunState(config, self.run_dir, keep_last=config.keep_checkpoints)
+        spec = load_dataset_spec(self.dataset)
+        self.contributor = Contributor(spec, self.state.tokenizer, config.finetune, config.seed)
+        self.name = spec.name
+        self.state.resume()
+        self.contributor.head_state = self.state.heads.get(self.name)
+
+        swarm = config.swarm
+        self.dht = start_dht(swarm, self.initial_peers)
+        self.peer_id = peer_id(self.dht)
+        identity = RunIdentity.for_body(config.run_id, config.model, self.state.theta0, run_contract(config))
+        join_run(self.dht, config.run_id, identity, swarm)
+        self.tracker = SwarmTracker(self.dht, config.run_id, swarm)
+        self._refuse_a_second_peer_on_this_dataset()
+        # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
+        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
+        self.averager = BodyAverager(self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0)
+        self._load_start_state()
+        log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
+
+    def _refuse_a_second_peer_on_this_dataset(self) -> None:
+        """Two live peers on one dataset would fuse it twice. A record of this dataset left by a peer
+        that died (e.g. this one, before a restart) is never re-published: waiting one re-publication
+        period (a third of progress_ttl) tells the two apart."""
+        swarm = self.config.swarm
+        snapshot = self.tracker.wait_for_update(swarm.dht_request_timeout)
+        first_seen = {p.peer_id: p.last_seen for p in snapshot.records if p.dataset == self.name}
+        deadline = time.monotonic() + swarm.progress_ttl / 3 + 2 * swarm.poll_interval + swarm.dht_request_timeout
+        while any(p.dataset == self.name for p in snapshot.records) and time.monotonic() < deadline:
+            live = duplicate_dataset_peers(snapshot.records, self.name, first_seen)
+            if live:
+                raise P2PColdError(
+                    f"dataset {self.name} already has a live peer in run {self.config.run_id!r} ({live[0]}); "
+                    "give each peer its own dataset, or split it into shards (NAME@INDEX/COUNT)"
+                )
+            snapshot = self.tracker.wait_for_update(swarm.poll_interval)
+
+    # ------------------------------------------------------------------ train (train() and _load_start_state() are each protocol's)
+
+    def _finetune(self) -> Contribution:
+        self.tracker.update(phase=Phase.FINETUNING, iteration=self.iteration)
+        contribution = self.contributor.contribute(self.state.body, self.state.base, self.iteration, self.device, self.show_progress)
+        r = contribution.result
+        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second)
+        log.info(
+            "iteration %d: finetuned %s, loss %.4f, dev acc %s, %d examples at %.1f ex/s",
+            self.iteration, self.name, r.train_loss, "-" if r.dev_accuracy is None else f"{r.dev_accuracy:.4f}", r.examples, r.examples_per_second,
+        )  # fmt: skip
+        return contribution
+
+    def _weight(self, contribution: Contribution) -> float:
+        return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
+
+    def _fuse(self, contribution: Contribution, deadline_s: float, abort=None) -> FusionResult:
+        self.tracker.update(phase=Phase.AVERAGING)
+        metadata = {"dataset": self.name, "examples": contribution.result.examples}
+        # share_result=False: the caller decides what this peer serves, and under which iteration.
+        return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
+
+    # ------------------------------------------------------------------ checkpoint and cleanup
+
+    def save_checkpoint(self, fusion: dict | None = None) -> Path:
+        heads = {self.name: self.contributor.head_state} if self.contributor.head_state is not None else None
+        return self.state.save_checkpoint(heads, extra={"dataset": self.name, "peer_id": self.peer_id, "fusion": fusion})
+
+    def cleanup(self) -> None:
+        """Bounded: stops the tracker's thread, the averager, the DHT node and its p2pd daemon."""
+        timeout = self.config.swarm.shutdown_timeout
+        if self.tracker is not None:
+            self.tracker.close(timeout)
+        if self.averager is not None:
+            self.averager.shutdown(stop_dht=False)
+        if self.dht is not None:
+            stop_dht(self.dht, grace_s=timeout)
+
+
+def fusion_record(status: str, members: list[str], attempts: int, failure: str | None) -> dict:
+    """What a boundary produced, as checkpoints, results.json and progress records carry it."""
+    return {"status": status, "members": sorted(members), "attempts": attempts, "failure": failure}

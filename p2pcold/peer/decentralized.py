@@ -1,0 +1,170 @@
+"""The decentralized peer (the default; no Repository).
+
+join: start a DHT node, agree on the run's identity (θ0 hash, fused schema, run contract), then start
+      from the newest of: its own checkpoint, the swarm's current base (state download), θ0.
+each iteration i:
+    before finetuning: adopt the swarm's base when the swarm is ahead, or when this peer's last
+        boundary left it with its own update while another peer of iteration i fused (boundary.decide_start)
+    finetune θ_i on the local dataset (the same `Contributor` the reference run uses)
+    at the boundary, until `boundary_deadline`, follow boundary.decide: wait for the peers still on
+        their way, all-reduce with the peers at i (retried with the same bodies after a failure),
+        adopt the swarm's newer base, or keep its own update (recorded: last_fusion failed / solo)
+    θ_{i+1}: checkpoint (with what the boundary produced), serve it to late joiners
+at the end: adopt a fused final base if this peer's last boundary did not fuse, then keep serving
+    θ_N while a live peer still needs it (bounded by `boundary_deadline`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from p2pcold.finetune import Contribution
+from p2pcold.peer.base import SwarmPeer, fusion_record, log
+from p2pcold.swarm import FusionOutcome, Phase
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
+
+
+class DecentralizedPeer(SwarmPeer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_group: set[str] = set()  # peer ids of the others in the last group this peer fused with
+
+    def _load_start_state(self) -> None:
+        if self.initial_peers:
+            self._adopt(self.iteration + 1)
+        self.averager.set_shared_state(self.iteration, self.state.base)
+
+    def _adopt(self, at_least: int) -> bool:
+        """Download the swarm's newest base; adopt it when its iteration is `at_least` or more."""
+        self.tracker.update(phase=Phase.DOWNLOADING)
+        downloaded = self.averager.download_state()
+        if downloaded is None or downloaded[0] < at_least:
+            return False
+        log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
+        self.state.iteration, self.state.base = downloaded
+        self.last_group = set()
+        record = fusion_record(FusionOutcome.ADOPTED.value, [], 0, None)
+        self.tracker.update(iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=0, fusion_error=None)
+        self.averager.set_shared_state(self.iteration, self.state.base)
+        self.save_checkpoint(record)
+        return True
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> dict[str, torch.Tensor]:
+        while self.iteration < self.config.iterations:
+            self.run_iteration()
+        self._converge()
+        self.tracker.update(phase=Phase.DONE, iteration=self.iteration)
+        log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
+        self._serve_final_state()
+        return self.state.base
+
+    def run_iteration(self) -> None:
+        if self._converge():
+            return
+        contribution = self._finetune()
+        self._boundary(contribution)
+
+    def _converge(self) -> bool:
+        """Before finetuning (and at the end of the run): adopt the swarm's base when decide_start says
+        so; else serve this peer's own base. True when a base was adopted."""
+        swarm = self.config.swarm
+        wait_until = time.monotonic() + swarm.boundary_deadline / 2
+        while True:
+            decision = decide_start(self.iteration, self.tracker.snapshot().peers, self.tracker.progress.last_fusion, time.monotonic(), wait_until)
+            if isinstance(decision, Wait):
+                self.tracker.update(phase=Phase.AVERAGING)
+                self.tracker.wait_for_update(swarm.poll_interval)
+                continue
+            if isinstance(decision, Adopt):
+                same = decision.iteration == self.iteration
+                if self._adopt(self.iteration if same else self.iteration + 1):
+                    if same:
+                        log.warning("iteration %d: our last boundary did not fuse; %s", self.iteration, decision.reason)
+                    return True
+            break
+        if self.averager.shared_iteration != self.iteration:  # our own update: served once nothing fused exists
+            self.averager.set_shared_state(self.iteration, self.state.base)
+        return False
+
+    def _boundary(self, contribution: Contribution) -> None:
+        """The boundary of this iteration, bounded by `boundary_deadline`. The wait for peers still
+        finetuning takes at most half of it, so that two peers that arrive up to half a deadline apart
+        still meet in matchmaking; a fusion must start at least one matchmaking window before the end."""
+        swarm, i = self.config.swarm, self.iteration
+        self.tracker.update(phase=Phase.AVERAGING)
+        end = time.monotonic() + swarm.boundary_deadline
+        last_start = end - (swarm.matchmaking_time + 1)
+        wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
+        attempts, failure, warned = 0, None, False
+
+        def abort() -> bool:  # stop looking for a group once the swarm has left this boundary
+            return swarm_is_ahead(i, self.tracker.snapshot().peers)
+
+        while True:
+            decision = decide(i, self.tracker.snapshot().peers, self.last_group, time.monotonic(), wait_until, last_start)
+            if isinstance(decision, Wait):
+                self.tracker.wait_for_update(swarm.poll_interval)
+                continue
+            if isinstance(decision, Adopt):
+                if self._adopt(i + 1):
+                    log.warning("iteration %d: the swarm had already left this boundary; took its newer base", i)
+                    return
+                decision = Solo(f"{decision.reason}, but nothing newer could be downloaded")
+            if isinstance(decision, Fuse):
+                if decision.not_waited_for and not warned:
+                    log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
+                    warned = True
+                fused = self._fuse(contribution, end - time.monotonic(), abort=abort)
+                attempts += fused.attempts
+                if fused.ok:
+                    members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
+                    log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
+                    self.last_group = set(fused.members) - {self.peer_id}
+                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size)
+                    return
+                failure = fused.reason
+                log.warning("iteration %d: no fusion (%s)", i, fused.reason)
+                continue  # decide again: retry with the same bodies, adopt, or give up at the deadline
+            outcome = FusionOutcome.FAILED if attempts else FusionOutcome.SOLO
+            if outcome is FusionOutcome.FAILED:
+                log.warning("iteration %d: fusion failed after %d attempt(s) (%s); keeping our own update for now", i, attempts, failure)
+            else:
+                log.warning("iteration %d: no peer at this iteration (%s); keeping our own update (a group of one)", i, decision.reason)
+            self.last_group = set()
+            self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1)
+            return
+
+    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int) -> None:
+        """θ_{i+1} = `base`: published with what the boundary produced, checkpointed, and served when fused
+        (an unfused base is served only once `_converge` found no fused one to adopt)."""
+        self.state.iteration, self.state.base = self.iteration + 1, base
+        self.tracker.update(
+            iteration=self.iteration,
+            last_fusion=record["status"],
+            last_group=record["members"],
+            last_group_size=group_size,
+            fusion_attempts=record["attempts"],
+            fusion_error=record["failure"],
+        )
+        if record["status"] == FusionOutcome.OK.value:
+            self.averager.set_shared_state(self.iteration, base)
+        self.save_checkpoint(record)
+
+    def _serve_final_state(self) -> None:
+        """Keep serving θ_N while another live peer may still need it: a straggler, or one whose last
+        boundary did not fuse (it adopts the final base instead of ending the run with its own)."""
+        swarm = self.config.swarm
+        started = time.monotonic()
+        behind: tuple[str, ...] = ()
+        while time.monotonic() < started + swarm.boundary_deadline:
+            behind = peers_behind(self.iteration, self.tracker.snapshot().peers)
+            if not behind:
+                if time.monotonic() - started > 2 * swarm.poll_interval:
+                    log.info("served the final base for %.0f s until every live peer had it", time.monotonic() - started)
+                return
+            self.tracker.wait_for_update(swarm.poll_interval)
+        log.warning("stopped serving the final base after %.0f s; still behind: %s", swarm.boundary_deadline, ", ".join(behind))

@@ -1,0 +1,65 @@
+"""One run's state on disk and in memory, shared by LocalRun, both peers and the Repository.
+
+θ0 (tokenizer, body, its state and hash), resuming from the run folder's newest checkpoint (which
+must belong to the same run and base model), and `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from p2pcold.config import RunConfig
+from p2pcold.model import (
+    CheckpointMeta,
+    body_state,
+    latest_checkpoint,
+    load_body,
+    load_body_state,
+    load_heads,
+    load_tokenizer,
+    read_metadata,
+    save_run_checkpoint,
+)
+from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
+
+log = get_logger("run_state")
+
+
+class RunState:
+    """`base` is θ_i, the body of `iteration`; `body` is the working model the checkpoints are written from."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, keep_last: int | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.tokenizer = load_tokenizer(config.model)
+        self.body = load_body(config.model, config.num_hidden_layers)
+        self.theta0 = body_state(self.body)
+        self.base_hash = state_dict_hash(self.theta0)
+        self.iteration, self.base = 0, self.theta0
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # from the resumed checkpoint
+
+    def resume(self) -> CheckpointMeta | None:
+        """Load the newest checkpoint of the run folder, if any; refuse one of another run or base model."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        meta = read_metadata(path)
+        if meta.run_id != self.config.run_id:
+            raise P2PColdError(f"{path}: checkpoint belongs to run {meta.run_id!r}, not {self.config.run_id!r}; use another run folder")
+        if meta.base_hash != self.base_hash:
+            raise P2PColdError(f"{path}: checkpoint was made from another base model (hash {meta.base_hash[:12]}); use another run folder")
+        self.iteration, self.base = meta.iteration, body_state(load_body(str(path)))
+        self.heads = load_heads(path)
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+        return meta
+
+    def save_checkpoint(self, heads: dict[str, dict[str, torch.Tensor]] | None = None, extra: dict | None = None) -> Path:
+        """Write `base` as the checkpoint of `iteration` (atomically; `latest.json` points at it after)."""
+        load_body_state(self.body, self.base)
+        meta = CheckpointMeta(
+            iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra=dict(extra or {})
+        )
+        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads or None, keep_last=self.keep_last)

@@ -1,0 +1,60 @@
+"""SwarmTracker: one thread reads the run's records and publishes this peer's own, on real DHT nodes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from p2pcold.swarm import PeerProgress, Phase, SwarmTracker, peer_id, stop_dht
+
+from helpers import fast_config
+
+pytestmark = [pytest.mark.network]
+
+
+def wait_for(tracker: SwarmTracker, predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    snapshot = tracker.snapshot()
+    while not predicate(snapshot):
+        assert time.monotonic() < deadline, f"no such snapshot within {timeout} s: {snapshot}"
+        snapshot = tracker.wait_for_update(1.0)
+    return snapshot
+
+
+@pytest.mark.timeout(90)
+def test_trackers_see_each_other_and_a_failed_read_keeps_the_last_view(swarm, caplog):
+    config = fast_config(poll_interval=0.2, progress_ttl=6.0)
+    a, b, c = swarm.start(3, config)
+    trackers = [
+        SwarmTracker(a, "track", config, PeerProgress(peer_id(a), "sst2", 0, Phase.JOINING)),
+        SwarmTracker(b, "track", config, PeerProgress(peer_id(b), "mnli", 0, Phase.JOINING)),
+    ]
+    repository = SwarmTracker(c, "track", config)  # publishes no record of its own
+    try:
+        seen = wait_for(trackers[0], lambda s: [p.dataset for p in s.peers] == ["mnli"])
+        assert seen.taken_at > 0 and all(p.peer_id != peer_id(a) for p in seen.records)
+
+        trackers[1].update(phase=Phase.AVERAGING, iteration=1, last_fusion="ok", last_group=["mnli", "sst2"], fusion_attempts=2)
+        record = wait_for(trackers[0], lambda s: s.peers and s.peers[0].iteration == 1).peers[0]
+        assert (record.phase, record.last_fusion, record.last_group, record.fusion_attempts) == ("averaging", "ok", ["mnli", "sst2"], 2)
+
+        repository.publish_assignment(1, {"iteration": 1, "contributors": ["sst2"]})
+        assert wait_for(trackers[1], lambda s: 1 in s.assignments).assignments[1]["contributors"] == ["sst2"]
+        assert {p.dataset for p in wait_for(repository, lambda s: len(s.peers) == 2).peers} == {"sst2", "mnli"}
+
+        # the node under trackers[0] dies: its reads fail, it keeps the last snapshot and says so once
+        last = trackers[0].snapshot()
+        stop_dht(a, grace_s=1.0)
+        time.sleep(3 * config.poll_interval + config.dht_request_timeout)
+        assert trackers[0].snapshot() == last
+        assert sum("swarm view not refreshed" in r.getMessage() for r in caplog.records) <= 1
+
+        # b's record expires from the others' view once it stops publishing
+        trackers[1].close(timeout=5.0)
+        wait_for(repository, lambda s: [p.dataset for p in s.peers] == ["sst2"] or not s.peers, timeout=config.progress_ttl + 15)
+    finally:
+        started = time.monotonic()
+        for tracker in (*trackers, repository):
+            tracker.close(timeout=5.0)
+        assert time.monotonic() - started < 16
