@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from p2pcold.config import RunConfig, load_dataset_spec, to_dict
+from p2pcold.config import RunConfig, load_dataset_spec
 from p2pcold.evaluate import Evaluator
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import average, sample_contributors
@@ -40,7 +38,8 @@ from p2pcold.model import (
     save_run_checkpoint,
 )
 from p2pcold.results import EvalResult, plot_accuracy, plot_gain_per_dataset, read_results, summary_table, write_results
-from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger, state_dict_hash
+from p2pcold.run_folder import check_run_folder, write_run_config
+from p2pcold.utils import P2PColdError, atomic_write_json, get_logger, read_json, state_dict_hash
 
 log = get_logger("local_run")
 
@@ -75,19 +74,14 @@ class LocalRun:
         if config.eval.datasets:
             # The evaluator loads each base into a working body of its own.
             self.evaluator = Evaluator(config.eval, self.tokenizer, copy.deepcopy(self.body), config.seed, self.device, set(self.contributors))
+        write_run_config(self.output_dir, self.config)  # started: the folder is this run's from now on
         if latest_checkpoint(self.output_dir):
             self._resume()
         elif self.evaluator and config.eval.every:
             self._evaluate("pretrained")
 
     def _check_output_dir(self) -> None:
-        resolved = yaml.safe_dump(to_dict(self.config), sort_keys=True)
-        saved = self.output_dir / "config.yaml"
-        if saved.is_file():
-            if saved.read_text() != resolved:
-                raise P2PColdError(f"{self.output_dir} holds a run with a different config; choose another output_dir")
-        else:
-            atomic_write_bytes(saved, resolved.encode())
+        check_run_folder(self.output_dir, self.config)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.output_dir)
@@ -107,7 +101,7 @@ class LocalRun:
 
     def _read_json(self, name: str, default):
         path = self.output_dir / name
-        return json.loads(path.read_text()) if path.is_file() else default
+        return read_json(path) if path.is_file() else default
 
     # ------------------------------------------------------------------ train
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from p2pcold.utils import atomic_write_bytes, atomic_write_json
+from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, read_json
 
 
 @dataclass
@@ -43,7 +42,11 @@ def write_results(results: Sequence[EvalResult], folder: str | Path, stem: str =
 
 
 def read_results(path: str | Path) -> list[EvalResult]:
-    return [EvalResult(**row) for row in json.loads(Path(path).read_text())]
+    rows = read_json(path)
+    try:
+        return [EvalResult(**row) for row in rows]
+    except TypeError:  # not a list of rows with EvalResult's fields
+        raise P2PColdError(f"{path}: damaged results file; restore it or move it away") from None
 
 
 def summary_table(results: Sequence[EvalResult]) -> str:

@@ -1,6 +1,7 @@
 """Small helpers every layer may use: errors, seeding, hashing, atomic files, logging.
 
-Nothing here imports the rest of p2pcold, torch models or hivemind.
+Nothing here imports the rest of p2pcold, torch models or hivemind; torch itself is imported only
+where a tensor is hashed, so that the config layer (and its errors) load in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class P2PColdError(Exception):
@@ -49,6 +51,8 @@ def derive_seed(*parts: object) -> int:
 
 def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes, in name order. Identical on every machine."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
@@ -113,5 +117,5 @@ def read_json(path: str | os.PathLike) -> object:
             return json.load(f)
     except FileNotFoundError:
         raise P2PColdError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise P2PColdError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P2PColdError(f"{path}: damaged, not valid JSON ({e})") from None
