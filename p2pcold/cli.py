@@ -64,7 +64,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    config = _config_for(args, output_dir="output_dir")  # before torch is imported: bad configs fail fast
+    from p2pcold.config import check_recipes
+
+    config = _config_for(args, output_dir="output_dir")  # before torch is imported: bad input fails fast
+    check_recipes(config)
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -85,6 +88,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from p2pcold.config import check_recipes
     from p2pcold.run_folder import check_output_dir
 
     flags = {"datasets": "eval.datasets", "unseen": "eval.unseen", "modes": "eval.modes", "few_shot": "eval.few_shot"}
@@ -92,8 +96,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     eval_config = run_config.eval
     if not eval_config.datasets:
         raise P2PColdError("evaluate: no target datasets (pass --datasets or a --config with eval.datasets)")
+    check_recipes(run_config)
     output = check_output_dir(args.output)  # before any work: results that cannot be written are lost
     _raise_on_sigterm()
+    log.info("evaluating %d base(s) on %d dataset(s)", len(args.base), len(eval_config.datasets))
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -165,9 +171,10 @@ def _swarm_run_config(args: argparse.Namespace):
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)  # before torch and hivemind are imported: bad input fails fast
+
     from p2pcold.peer import Peer
 
-    config = _swarm_run_config(args)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     peer = Peer(config, args.dataset, args.initial_peers, run_dir, device=args.device, centralized=args.centralized, show_progress=args.progress)
     _raise_on_sigterm()
@@ -217,9 +224,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)
+
     from p2pcold.swarm import read_progress, start_dht, stop_dht
 
-    config = _swarm_run_config(args)
     dht = start_dht(config.swarm, args.initial_peers, client_mode=True)
     try:
         records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)

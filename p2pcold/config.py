@@ -417,6 +417,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 load_run_config = load_config  # the name the recipes and tests have always used
 
 
+def check_recipes(config: RunConfig) -> None:
+    """Read every recipe the run names (contributors and evaluation targets), so that a bad one is
+    reported before any model is loaded."""
+    for name in dict.fromkeys([*config.datasets, *config.eval.datasets]):
+        load_dataset_spec(name)
+
+
 def validate_run_config(config: RunConfig, needs_datasets: bool = True) -> None:
     if needs_datasets and not config.datasets:
         raise P2PColdError("run config: `datasets` lists no contributor recipe")
