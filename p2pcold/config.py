@@ -281,7 +281,11 @@ def _dotted(path: tuple) -> str:
 
 
 def _place(path: tuple, lines: dict) -> str | None:
-    """The most specific known place of `path` or of one of its parents."""
+    """The known place of `path`, of a `--set` below it, or of its nearest parent."""
+    if path not in lines:
+        below = [place for key, place in lines.items() if key[: len(path)] == path and place.startswith("--set ")]
+        if below:
+            return below[0]
     for end in range(len(path), -1, -1):
         if path[:end] in lines:
             return lines[path[:end]]
