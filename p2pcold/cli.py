@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except P2PColdError as e:
-        print(f"p2pcold: error: {e}", file=sys.stderr)
+        print(f"p2pcold: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever the message
         return EXIT_BAD_INPUT
     except OSError as e:  # a file or folder the checks could not foresee (disk full, permissions changed)
         print(f"p2pcold: error: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
