@@ -49,14 +49,14 @@ def _config_for(args: argparse.Namespace, needs_datasets: bool = True, **flags: 
     return load_config(args.config, overrides, needs_datasets=needs_datasets)
 
 
-def _check_before_loading(config, bases: list[str] = ()) -> None:
-    """The checks that need no torch, so that bad input is reported in a fraction of a second:
-    every recipe, and every local model folder (a run folder's checkpoints are checked when read)."""
+def _check_before_loading(recipes: list[str], models: list[str]) -> None:
+    """The checks that need no torch, so that bad input is reported in a fraction of a second: the
+    recipes, and the local model folders (a run folder's checkpoints are checked when read)."""
     from p2pcold.config import check_recipes
     from p2pcold.files import check_model_folder
 
-    check_recipes(config)
-    for model in (config.model, *bases):
+    check_recipes(recipes)
+    for model in models:
         if Path(model).is_dir() and not (Path(model) / "latest.json").is_file():
             check_model_folder(model)
 
@@ -79,7 +79,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from p2pcold.run_folder import check_run_folder
 
     config = _config_for(args, output_dir="output_dir")  # before torch is imported: bad input fails fast
-    _check_before_loading(config)
+    _check_before_loading([*config.datasets, *config.eval.datasets], [config.model])
     check_run_folder(config.output_dir, config)
 
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     eval_config = run_config.eval
     if not eval_config.datasets:
         raise P2PColdError("evaluate: no target datasets (pass --datasets or a --config with eval.datasets)")
-    _check_before_loading(run_config, args.base)
+    _check_before_loading(eval_config.datasets, args.base)
     output = check_output_dir(args.output)  # before any work: results that cannot be written are lost
     _raise_on_sigterm()
     log.info("evaluating %d base(s) on %d dataset(s)", len(args.base), len(eval_config.datasets))

@@ -421,10 +421,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 load_run_config = load_config  # the name the recipes and tests have always used
 
 
-def check_recipes(config: RunConfig) -> None:
-    """Read every recipe the run names (contributors and evaluation targets), so that a bad one is
-    reported before any model is loaded."""
-    for name in dict.fromkeys([*config.datasets, *config.eval.datasets]):
+def check_recipes(names: list[str]) -> None:
+    """Read each recipe, so that a bad one is reported before any model is loaded."""
+    for name in dict.fromkeys(names):
         load_dataset_spec(name)
 
 
