@@ -25,7 +25,6 @@ without CUDA re-reads the newest of those files instead, so the docs keep the la
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import subprocess

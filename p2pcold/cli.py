@@ -27,23 +27,64 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise P2PColdError(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise P2PColdError(f"--set {key}: {value!r} is not a YAML value (quote strings with special characters)") from None
     return overrides
+
+
+def _config_for(args: argparse.Namespace, needs_datasets: bool = True, **flags: str):
+    """The run config of a command: its CONFIG file, then `--set`, then the command's own options
+    (`flags`: option name -> dotted config key), all validated the same way."""
+    from p2pcold.config import load_config
+
+    overrides = parse_overrides(args.set)
+    for option, key in flags.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[key] = value
+    return load_config(args.config, overrides, needs_datasets=needs_datasets)
+
+
+def _check_before_loading(recipes: list[str], models: list[str]) -> None:
+    """The checks that need no torch, so that bad input is reported in a fraction of a second: the
+    recipes, and the local model folders (a run folder's checkpoints are checked when read)."""
+    from p2pcold.config import check_recipes
+    from p2pcold.files import check_model_folder
+
+    check_recipes(recipes)
+    for model in models:
+        if Path(model).is_dir() and not (Path(model) / "latest.json").is_file():
+            check_model_folder(model)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from p2pcold.config import to_dict
+
+    config = _config_for(args, needs_datasets=False)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
 
 
 # --------------------------------------------------------------------------- local
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    from p2pcold.run_folder import check_run_folder
+
+    config = _config_for(args, output_dir="output_dir")  # before torch is imported: bad input fails fast
+    _check_before_loading([*config.datasets, *config.eval.datasets], [config.model])
+    check_run_folder(config.output_dir, config)
+
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from p2pcold.config import load_run_config
     from p2pcold.local_run import LocalRun
 
-    overrides = parse_overrides(args.set)
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
-    config = load_run_config(args.config, overrides)
+    raise_on_sigterm()
     run = LocalRun(config, device=args.device)
     with logging_redirect_tqdm():
         run.setup()
@@ -58,26 +99,24 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from p2pcold.run_folder import check_output_dir
+
+    flags = {"datasets": "eval.datasets", "unseen": "eval.unseen", "modes": "eval.modes", "few_shot": "eval.few_shot"}
+    run_config = _config_for(args, needs_datasets=False, num_hidden_layers="num_hidden_layers", **flags)
+    eval_config = run_config.eval
+    if not eval_config.datasets:
+        raise P2PColdError("evaluate: no target datasets (pass --datasets or a --config with eval.datasets)")
+    _check_before_loading(eval_config.datasets, args.base)
+    output = check_output_dir(args.output)  # before any work: results that cannot be written are lost
+    raise_on_sigterm()
+    log.info("evaluating %d base(s) on %d dataset(s)", len(args.base), len(eval_config.datasets))
+
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from p2pcold.config import EvalConfig, RunConfig, load_run_config
     from p2pcold.evaluate import Evaluator
     from p2pcold.finetune import resolve_device
     from p2pcold.model import METADATA_FILE, body_state, load_body, load_tokenizer, read_metadata
     from p2pcold.results import plot_accuracy, summary_table, write_results
-
-    run_config = load_run_config(args.config, needs_datasets=False) if args.config else RunConfig()
-    eval_config: EvalConfig = run_config.eval
-    if args.datasets:
-        eval_config.datasets = args.datasets
-    if args.unseen is not None:
-        eval_config.unseen = args.unseen
-    if args.modes:
-        eval_config.modes = args.modes
-    if args.few_shot is not None:
-        eval_config.few_shot = args.few_shot
-    if not eval_config.datasets:
-        raise P2PColdError("evaluate: no target datasets (pass --datasets or a --config with eval.datasets)")
 
     bases: list[tuple[str, str, int]] = []  # (label, model source, iteration)
     for base in args.base:
@@ -89,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             bases.append((base, base, read_metadata(path).iteration))
         else:
             bases.append((base, base, 0))
-    num_layers = args.num_hidden_layers if args.num_hidden_layers is not None else run_config.num_hidden_layers
+    num_layers = run_config.num_hidden_layers
     device = resolve_device(args.device)
 
     def load_base(source: str):  # p2pcold checkpoints already have their layer count
@@ -106,7 +145,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for label, source, iteration in bases:
             state = first_state if source == first else body_state(load_base(source))
             results += evaluator.evaluate(state, label, iteration)
-    output = Path(args.output)
     csv_path, json_path = write_results(results, output)
     plot = plot_accuracy(results, output / "accuracy.png", title="p2pcold evaluate")
     print(summary_table(results))
@@ -118,23 +156,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _swarm_run_config(args: argparse.Namespace):
-    from p2pcold.config import load_run_config
-
-    overrides = parse_overrides(args.set)
-    for flag, key in (("run_id", "run_id"), ("host", "swarm.host"), ("port", "swarm.port"), ("identity", "swarm.identity_path")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[key] = value
-    if getattr(args, "announce", None):
-        overrides["swarm.announce_maddrs"] = args.announce
+    if args.command in ("peer", "status") and not args.initial_peers:
+        raise P2PColdError(
+            f"{args.command}: --initial-peers is required: the multiaddr of a bootstrap node or of any peer of the run "
+            "(`p2pcold bootstrap` prints it)"
+        )
+    flags = {"run_id": "run_id", "host": "swarm.host", "port": "swarm.port", "identity": "swarm.identity_path", "announce": "swarm.announce_maddrs"}
     # The Repository samples from the run's datasets; a peer or a status query needs only the settings.
-    return load_run_config(args.config, overrides, needs_datasets=getattr(args, "repository", False))
+    return _config_for(args, needs_datasets=getattr(args, "repository", False), **flags)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)  # before torch and hivemind are imported: bad input fails fast
+
     from p2pcold.peer import CentralizedPeer, DecentralizedPeer
 
-    config = _swarm_run_config(args)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     protocol = CentralizedPeer if args.centralized else DecentralizedPeer
     peer = protocol(config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress)
@@ -185,9 +221,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)
+
     from p2pcold.swarm import read_progress, start_dht, stop_dht
 
-    config = _swarm_run_config(args)
     dht = start_dht(config.swarm, args.initial_peers, client_mode=True)
     try:
         records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
@@ -228,15 +265,23 @@ def _num(value, digits: int = 4) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from p2pcold.simulate import simulate
-
     overrides = parse_overrides(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+
+    from p2pcold.simulate import simulate
+
     return simulate(args, overrides)
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a config field (dotted key, YAML value), e.g. {example}; `p2pcold config show` lists every field",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("config", nargs="?", help="run config YAML (default: all defaults; see peers/runs/)")
     local.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
     local.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    local.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. iterations=5")
+    add_set_option(local, "iterations=5")
     local.set_defaults(func=cmd_local)
 
     evaluate = sub.add_parser(
@@ -272,13 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--output", default="runs/evaluate", help="folder for results and plot")
+    add_set_option(evaluate, "eval.frozen_epochs=5")
     evaluate.set_defaults(func=cmd_evaluate)
 
     def swarm_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="run config YAML shared by the swarm (model, iterations, finetune, swarm)")
         p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddrs of peers to join through")
         p.add_argument("--run-id", help="which run to join (default: the config's run_id)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. swarm.compression=fp16")
+        add_set_option(p, "swarm.compression=fp16")
 
     peer = sub.add_parser(
         "peer",
@@ -330,8 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--centralized", action="store_true", help="run through a Repository (paper §2.3)")
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
     simulate.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
-    simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_set_option(simulate, "finetune.budget.steps=20")
     simulate.set_defaults(func=cmd_simulate)
+
+    config = sub.add_parser("config", help="show a run config with every default filled in")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser(
+        "show",
+        help="print the resolved config (YAML) with every default",
+        description="Load CONFIG (default: all defaults), apply --set, validate, and print every field.",
+    )
+    show.add_argument("config", nargs="?", help="run config YAML")
+    add_set_option(show, "finetune.learning_rate=2e-5")
+    show.set_defaults(func=cmd_config_show)
     return parser
 
 
@@ -343,13 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except P2PColdError as e:
-        print(f"p2pcold: error: {e}", file=sys.stderr)
+        print(f"p2pcold: error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever the message
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a file or folder the checks could not foresee (disk full, permissions changed)
+        print(f"p2pcold: error: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("p2pcold: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:  # outside a command's own handling, e.g. while it cleans up
-        print("p2pcold: terminated", file=sys.stderr)
+    except Terminated:
+        print(f"p2pcold: error: {args.command} stopped by SIGTERM; what it had finished is kept", file=sys.stderr)
         return EXIT_TERMINATED
 
 

@@ -1,39 +1,86 @@
 """Typed configuration: dataset recipes, finetuning, fusion and run settings, loaded from YAML.
 
-Every field is a named dataclass field with a default; YAML keys that are not fields are
-rejected with a one-line error, so a typo never silently falls back to a default.
+Every section is a pydantic model whose fields carry their type and allowed range, so a YAML
+file, a `--set KEY=VALUE` and a Python caller are checked the same way (also on assignment).
+Keys that are not fields are rejected, so a typo never silently falls back to a default. Every
+error is one line naming the field, the value, what is allowed and, for a YAML file, the line.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import codecs
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from p2pcold.utils import P2PColdError
+from p2pcold.utils import P2PColdError, recipes_dir
 
-# The repository's recipe folder. An editable install (the documented one) finds it here;
-# P2PCOLD_RECIPES overrides it.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = Path(os.environ.get("P2PCOLD_RECIPES", REPO_ROOT / "peers"))
+class ConfigError(P2PColdError, ValueError):
+    """A config value outside its type or range; the message is one line naming the field."""
 
 
-@dataclass
-class RowFilter:
+# --------------------------------------------------------------------------- field types
+
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads `true` as 1 for a number; in a config that is always a mistake.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def _number(tp: type, **bounds: Any) -> Any:
+    return Annotated[tp, BeforeValidator(_not_a_bool), Field(**bounds)]
+
+
+PositiveInt = _number(int, ge=1)
+NonNegativeInt = _number(int, ge=0)
+PositiveFloat = _number(float, gt=0)
+NonNegativeFloat = _number(float, ge=0)
+Fraction = _number(float, ge=0, lt=1)  # a share of something, below the whole
+Seconds = _number(float, gt=0)
+Text = Annotated[str, Field(min_length=1)]
+TokenCount = _number(int, ge=2)  # room for the [CLS] and [SEP] tokens
+Port = _number(int, ge=0, le=65535)  # 0: any free port
+GroupSize = _number(int, ge=2)  # an averaging group of one averages nothing
+
+
+class _Section(BaseModel):
+    """Common settings: unknown keys are errors, values are checked on assignment too, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(describe(e, type(self))) from None
+
+    # Tells pydantic this __init__ only wraps its own, so nested sections are validated in one pass
+    # and an error keeps its full path (`finetune.budget.steps`).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise ConfigError(describe(e, type(self))) from None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class RowFilter(_Section):
     """Keep rows whose `column` contains any of `keywords` (case-insensitive substring match)."""
 
-    column: str = "text"
-    keywords: list[str] = field(default_factory=list)
+    column: Text = "text"
+    keywords: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class DatasetSpec:
+class DatasetSpec(_Section):
     """One contributor's dataset: where it is, which columns hold text and labels, how to split it."""
 
     name: str = ""
@@ -42,168 +89,272 @@ class DatasetSpec:
     source: str = ""
     hub_config: str | None = None  # e.g. `sst2` for source `glue`
     encoding: str | None = None  # for text files that are not UTF-8 (e.g. latin-1)
-    text_column: str = "text"
+    text_column: Text = "text"
     text_pair_column: str | None = None  # second sentence for pair tasks (NLI, paraphrase)
-    label_column: str = "label"
+    label_column: Text = "label"
     # Label values in class-index order. For string labels, rows whose label is not listed are
     # dropped only when `drop_unlisted_labels` is set; otherwise they are an error.
-    label_names: list[str] = field(default_factory=list)
+    label_names: list[str] = Field(default_factory=list)
     drop_unlisted_labels: bool = False
     filter: RowFilter | None = None
-    max_examples: int | None = None  # cap on train examples (after filtering and after dev/test are carved)
+    max_examples: PositiveInt | None = None  # cap on train examples (after filtering and after dev/test are carved)
     # Hub split names; missing dev/test splits are carved from train with `split_fractions`.
-    train_split: str = "train"
+    train_split: Text = "train"
     dev_split: str | None = "validation"
     test_split: str | None = "test"
-    split_fractions: tuple[float, float] = (0.1, 0.1)  # dev, test fractions of the data
-    max_eval_examples: int | None = 1000  # cap on dev and test each, for speed
-    split_seed: int = 0
+    split_fractions: tuple[Fraction, Fraction] = (0.1, 0.1)  # dev, test fractions of the data
+    max_eval_examples: PositiveInt | None = 1000  # cap on dev and test each, for speed
+    split_seed: NonNegativeInt = 0
     # One of `num_shards` disjoint slices of train (dev and test stay whole), for federated runs
     # (§5.1). Usually set by referring to a recipe as `NAME@INDEX/COUNT`, e.g. `rotten_tomatoes@0/4`.
-    shard_index: int | None = None
-    num_shards: int | None = None
+    shard_index: NonNegativeInt | None = None
+    num_shards: PositiveInt | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError("must be a text encoding Python knows, e.g. utf-8 or latin-1") from None
+        return value
+
+    @field_validator("split_fractions", mode="before")
+    @classmethod
+    def _two_fractions(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("must be two fractions [dev, test], e.g. [0.1, 0.1]")
+        return value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _some_left_for_train(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if sum(value) >= 1:
+            raise ValueError("dev + test must leave some data for train (a sum below 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if self.shard_index is not None and self.num_shards is not None and self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index={self.shard_index} must be below num_shards={self.num_shards}")
+        return self
 
 
-@dataclass
-class Budget:
+class Budget(_Section):
     """How much local finetuning one iteration gets. The first limit reached ends it."""
 
-    steps: int | None = None  # optimizer steps
-    examples: int | None = None
-    epochs: float | None = None
-    seconds: float | None = None  # wall clock: fast peers keep training, but runs are not reproducible
+    steps: PositiveInt | None = None  # optimizer steps
+    examples: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    seconds: Seconds | None = None  # wall clock: fast peers keep training, but runs are not reproducible
 
     def is_bounded(self) -> bool:
         return any(v is not None for v in (self.steps, self.examples, self.epochs, self.seconds))
 
 
-@dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """Local finetuning, App. B defaults: AdamW, lr 5e-5, linear decay, weight decay 0.01."""
 
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    batch_size: int = 16  # examples per forward pass
-    gradient_accumulation: int = 1  # effective batch = batch_size * gradient_accumulation
-    max_length: int = 128  # tokens; batches are padded dynamically to their longest row
-    budget: Budget = field(default_factory=lambda: Budget(epochs=1))
+    learning_rate: PositiveFloat = 5e-5
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_ratio: Fraction = 0.0
+    batch_size: PositiveInt = 16  # examples per forward pass
+    gradient_accumulation: PositiveInt = 1  # effective batch = batch_size * gradient_accumulation
+    # Tokens; batches are padded dynamically to their longest row. At most the model's positions
+    # (checked when the tokenizer is loaded).
+    max_length: TokenCount = 128
+    budget: Budget = Field(default_factory=lambda: Budget(epochs=1))
     # Early stopping on dev accuracy (App. B): evaluate every `eval_every_examples` and stop when
     # accuracy improved by less than `early_stopping_min_delta` since the previous evaluation.
-    eval_every_examples: int | None = None
-    early_stopping_min_delta: float = 0.001
+    eval_every_examples: PositiveInt | None = None
+    early_stopping_min_delta: NonNegativeFloat = 0.001
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, CUDA only
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, CUDA only
     # The task head is local and never fused. `keep`: a contributor's head carries over to its
     # next iteration; `reinit`: a fresh head every iteration.
     head: Literal["keep", "reinit"] = "reinit"
-    dropout: float = 0.1
-    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    dropout: Fraction = 0.1
+    num_threads: PositiveInt | None = None  # torch CPU threads; None leaves torch's default
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """The paper's evaluation (§3.4): CoLD finetunes the whole model, CoLD-Frozen the head only."""
 
-    datasets: list[str] = field(default_factory=list)  # target recipes
-    unseen: list[str] = field(default_factory=list)  # of `datasets`, those no contributor trains on
-    modes: list[Literal["cold", "frozen"]] = field(default_factory=lambda: ["cold", "frozen"])
-    few_shot: int | None = None  # train the evaluation on only this many examples
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    frozen_epochs: int = 20  # head-only training runs over cached features, so it is cheap
-    frozen_learning_rate: float = 1e-3  # a lone linear head needs a larger step than 5e-5
-    every: int = 1  # evaluate the base every N iterations (0: only at the end)
+    datasets: list[Text] = Field(default_factory=list)  # target recipes
+    unseen: list[Text] = Field(default_factory=list)  # of `datasets`, those no contributor trains on
+    modes: Annotated[list[Literal["cold", "frozen"]], Field(min_length=1)] = Field(default_factory=lambda: ["cold", "frozen"])
+    few_shot: PositiveInt | None = None  # train the evaluation on only this many examples
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    frozen_epochs: PositiveInt = 20  # head-only training runs over cached features, so it is cheap
+    frozen_learning_rate: PositiveFloat = 1e-3  # a lone linear head needs a larger step than 5e-5
+    every: NonNegativeInt = 1  # evaluate the base every N iterations (0: only at the end)
 
 
-@dataclass
-class SimulateConfig:
+class SimulateConfig(_Section):
     """`p2pcold simulate`: a whole swarm of real peer processes on one machine."""
 
-    peers: int | None = None  # peer processes, one dataset each (None: one per dataset)
+    peers: PositiveInt | None = None  # peer processes, one dataset each (None: one per dataset)
     centralized: bool = False  # run through a Repository (the paper's §2.3) instead of all-reduce among peers
     keep_best: bool = True  # keep a copy of the best evaluated base besides the last
-    refresh_seconds: float = 2.0  # progress display period
+    refresh_seconds: Seconds = 2.0  # progress display period
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     """One CoLD Fusion run (§2.3, §3.4): which contributors, how many iterations, how to fuse."""
 
-    model: str = "minilm"  # local folder, hub id, or `minilm` (the offline all-MiniLM-L6-v2)
-    num_hidden_layers: int | None = None  # keep only the first N pretrained layers (faster demos)
-    datasets: list[str] = field(default_factory=list)  # contributor recipes (names or YAML paths)
-    contributors_per_iteration: int | None = None  # k sampled per iteration; None: all of them
-    iterations: int = 3
-    seed: int = 0
+    model: Text = "minilm"  # local folder, hub id, or `minilm` (the offline all-MiniLM-L6-v2)
+    # Keep only the first N pretrained layers (faster demos); at most the model's (checked at load).
+    num_hidden_layers: PositiveInt | None = None
+    datasets: list[Text] = Field(default_factory=list)  # contributor recipes (names or YAML paths)
+    contributors_per_iteration: PositiveInt | None = None  # k sampled per iteration; None: all of them
+    iterations: PositiveInt = 3
+    seed: NonNegativeInt = 0
     fusion_weighting: Literal["uniform", "examples"] = "uniform"
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/local"
-    run_id: str = "p2pcold"
-    keep_checkpoints: int | None = 2  # newest checkpoints a peer keeps in its run folder (None: all)
-    swarm: SwarmConfig = field(default_factory=lambda: SwarmConfig())  # networked modes only
-    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: Text = "runs/local"
+    run_id: Text = "p2pcold"
+    keep_checkpoints: PositiveInt | None = 2  # newest checkpoints a peer keeps in its run folder (None: all)
+    swarm: SwarmConfig = Field(default_factory=lambda: SwarmConfig())  # networked modes only
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def describe(error: ValidationError, model: type[BaseModel], where: str = "", lines: dict | None = None) -> str:
+    """One line for pydantic's errors: where (file and line, or `--set KEY`), the field, the value, what is allowed.
+
+    `lines` maps a field path (a tuple of keys) to the place it came from, e.g. `run.yaml line 7`."""
+    problems = error.errors()
+    first = problems[0]
+    path = tuple(first["loc"])
+    place = _place(path, lines or {}) or where
+    prefix = f"{place}: " if place else ""
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        parent = path[:-1]
+        unknown = [str(p["loc"][-1]) for p in problems if p["type"] == "extra_forbidden" and tuple(p["loc"][:-1]) == parent]
+        known = sorted(_section_at(model, parent).model_fields)
+        section = f" in {_dotted(parent)}" if parent else ""
+        return f"{prefix}unknown field(s) {', '.join(unknown)}{section} (known: {', '.join(known)})"
+    message = first["msg"].removeprefix("Value error, ")
+    for pydantic_words, ours in _PLAIN_WORDS:
+        message = message.replace(pydantic_words, ours)
+    if first["type"] == "missing":
+        return f"{prefix}{_dotted(path)} is missing{more}"
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, BaseModel)) else f"={value!r}"
+    if place == f"--set {_dotted(path)}":  # the option already names the field
+        return f"--set {_dotted(path)}{shown}: {message}{more}"
+    field = f"{_dotted(path)}{shown}: " if path else ""
+    return f"{prefix}{field}{message}{more}"
+
+
+_PLAIN_WORDS = (
+    ("Input should be", "must be"),
+    ("greater than or equal to", "at least"),
+    ("less than or equal to", "at most"),
+    ("List should have at least 1 item after validation, not 0", "must list at least one value"),
+)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+
+
+def _place(path: tuple, lines: dict) -> str | None:
+    """The known place of `path`, of a `--set` below it, or of its nearest parent."""
+    if path not in lines:
+        below = [place for key, place in lines.items() if key[: len(path)] == path and place.startswith("--set ")]
+        if below:
+            return below[0]
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def _section_at(model: type[BaseModel], path: tuple) -> type[BaseModel]:
+    for key in path:
+        annotation = model.model_fields[key].annotation
+        model = next(a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel))
+    return model
 
 
 # --------------------------------------------------------------------------- YAML loading
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type, checking as it goes."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise P2PColdError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise P2PColdError(f"{where}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise P2PColdError(f"{where}: expected a list, got {value!r}")
-        return tuple(_convert(a, v, where) for a, v in zip(typing.get_args(tp), value))
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise P2PColdError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise P2PColdError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+def from_dict(cls: type[BaseModel], data: dict, where: str = "config", lines: dict | None = None) -> Any:
+    """Validate `data` as `cls`; errors become one-line ConfigErrors (`lines`: see `describe`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e, cls, where, lines)) from None
 
 
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise P2PColdError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def to_dict(obj: BaseModel) -> dict:
+    """Every field, defaults included, as plain YAML/JSON values."""
+    return obj.model_dump(mode="json")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
+    return _read_yaml(path)[0]
+
+
+def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict]:
+    """The mapping in a YAML file and the line of every key in it: {(key, subkey...): "FILE line N"}."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise P2PColdError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise P2PColdError(f"{path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise P2PColdError(f"{path}: not a YAML text file (binary or not UTF-8)") from None
+    except OSError as e:
+        raise P2PColdError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
     except yaml.YAMLError as e:
-        raise P2PColdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise P2PColdError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        raise P2PColdError(f"{path}: expected a YAML mapping at the top level")
-    return data
+        raise P2PColdError(f"{path}: expected a YAML mapping (key: value lines) at the top level")
+    lines: dict[tuple, str] = {}
+    _key_lines(node, (), str(path), lines)
+    return data, lines
+
+
+def _key_lines(node: yaml.Node, path: tuple, file: str, lines: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[(*path, key.value)] = f"{file} line {key.start_mark.line + 1}"
+            _key_lines(value, (*path, key.value), file, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*path, i)] = f"{file} line {item.start_mark.line + 1}"
+            _key_lines(item, (*path, i), file, lines)
+
+
+def apply_overrides(data: dict, overrides: dict, lines: dict) -> None:
+    """Set dotted keys (`finetune.budget.steps`) in `data`; errors then name `--set KEY`."""
+    for dotted, value in overrides.items():
+        keys = tuple(dotted.split("."))
+        if not all(keys):
+            raise P2PColdError(f"--set {dotted}: a key is written SECTION.FIELD, e.g. finetune.budget.steps")
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise P2PColdError(f"--set {dotted}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+        node[keys[-1]] = value
+        for known in [k for k in lines if k[: len(keys)] == keys]:
+            del lines[known]  # the YAML's lines below the key no longer apply
+        lines[keys] = f"--set {dotted}"
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
@@ -213,10 +364,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         if not candidate.is_file():
             raise P2PColdError(f"{name_or_path}: recipe file not found")
         return candidate
-    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    folder = recipes_dir()
+    path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise P2PColdError(f"unknown dataset recipe {name_or_path!r} (known in {RECIPES_DIR}: {', '.join(known)})")
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise P2PColdError(f"unknown dataset recipe {name_or_path!r} (known in {folder}: {', '.join(known)})")
     return path
 
 
@@ -224,9 +376,9 @@ def load_dataset_spec(reference: str) -> DatasetSpec:
     """A recipe by name or path; `NAME@INDEX/COUNT` selects one shard of its train split."""
     name_or_path, _, shard = reference.partition("@")
     path = resolve_recipe_path(name_or_path)
-    data = load_yaml(path)
+    data, lines = _read_yaml(path)
     data.setdefault("name", path.stem)
-    spec = from_dict(DatasetSpec, data, where=str(path))
+    spec = from_dict(DatasetSpec, data, where=str(path), lines=lines)
     if not spec.source:
         raise P2PColdError(f"{path}: `source` is required")
     if shard:
@@ -238,21 +390,25 @@ def load_dataset_spec(reference: str) -> DatasetSpec:
     return spec
 
 
-def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None, needs_datasets: bool = True) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, needs_datasets: bool = True) -> RunConfig:
     """A run config from YAML (None: all defaults), with dotted-key overrides applied on top.
 
-    `needs_datasets=False` for a single peer, a bootstrap node or `status`, which need the run's
-    settings but not its list of contributors."""
-    data = load_yaml(path) if path is not None else {}
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    config = from_dict(RunConfig, data, where=str(path or "run config"))
+    `needs_datasets=False` for a single peer, a bootstrap node, `status` or `evaluate`, which need
+    the run's settings but not its list of contributors."""
+    data, lines = _read_yaml(path) if path is not None else ({}, {})
+    apply_overrides(data, overrides or {}, lines)
+    config = from_dict(RunConfig, data, where=str(path or "run config"), lines=lines)
     validate_run_config(config, needs_datasets)
     return config
+
+
+load_run_config = load_config  # the name the recipes and tests have always used
+
+
+def check_recipes(names: list[str]) -> None:
+    """Read each recipe, so that a bad one is reported before any model is loaded."""
+    for name in dict.fromkeys(names):
+        load_dataset_spec(name)
 
 
 def validate_run_config(config: RunConfig, needs_datasets: bool = True) -> None:
@@ -262,11 +418,10 @@ def validate_run_config(config: RunConfig, needs_datasets: bool = True) -> None:
         raise P2PColdError("run config: `datasets` lists a recipe twice")
     k = config.contributors_per_iteration
     if k is not None and config.datasets and not 1 <= k <= len(config.datasets):
-        raise P2PColdError(f"run config: contributors_per_iteration={k} must be between 1 and {len(config.datasets)}")
-    if config.iterations < 1:
-        raise P2PColdError("run config: iterations must be at least 1")
-    if not config.finetune.budget.is_bounded():
-        raise P2PColdError("run config: finetune.budget sets no limit (steps, examples, epochs or seconds)")
+        raise P2PColdError(f"run config: contributors_per_iteration={k} must be between 1 and {len(config.datasets)} (the number of datasets)")
+    for name, budget in (("finetune.budget", config.finetune.budget), ("eval.finetune.budget", config.eval.finetune.budget)):
+        if not budget.is_bounded():
+            raise P2PColdError(f"run config: {name} sets no limit (steps, examples, epochs or seconds)")
     missing = sorted(set(config.eval.unseen) - set(config.eval.datasets))
     if missing:
         raise P2PColdError(f"run config: eval.unseen names {', '.join(missing)}, which eval.datasets does not list")
@@ -277,16 +432,15 @@ def validate_run_config(config: RunConfig, needs_datasets: bool = True) -> None:
 # of the timeouts below (seconds); none waits forever. See docs/protocol-primitives.md.
 
 
-@dataclass
-class SwarmConfig:
+class SwarmConfig(_Section):
     """How a peer joins the swarm, forms averaging groups and bounds every network wait."""
 
     # --- addresses and identity
-    host: str = "127.0.0.1"  # interface p2pd listens on; `0.0.0.0` (or `::`) for other machines
-    port: int = 0  # TCP port p2pd listens on; 0 picks a free one (a bootstrap peer wants a fixed one)
+    host: Text = "127.0.0.1"  # interface p2pd listens on; `0.0.0.0` (or `::`) for other machines
+    port: Port = 0  # TCP port p2pd listens on; 0 picks a free one (a bootstrap peer wants a fixed one)
     # Addresses other peers should dial, e.g. `/ip4/203.0.113.7/tcp/31337`; needed when `host` is
     # 0.0.0.0 or behind NAT. Empty: p2pd announces what it listens on.
-    announce_maddrs: list[str] = field(default_factory=list)
+    announce_maddrs: list[str] = Field(default_factory=list)
     # Private key file giving a stable peer id (created on first use). A bootstrap peer needs one so
     # that its multiaddr, which contains the peer id, stays valid across restarts. None: a random id.
     identity_path: str | None = None
@@ -298,69 +452,61 @@ class SwarmConfig:
     compression: Literal["none", "fp16", "8bit"] = "none"
     # A group assembles as soon as it has this many peers (None: no cap; it assembles when the leader's
     # `matchmaking_time` runs out). Set it to the number of peers you expect at a boundary.
-    target_group_size: int | None = None
+    target_group_size: GroupSize | None = None
     # Smaller groups are disbanded and matchmaking retried until the boundary deadline. Set it to the
     # number of expected peers to wait for all of them (the caller then falls back when one is missing).
-    min_group_size: int = 2
+    min_group_size: GroupSize = 2
 
     # --- timeouts (seconds)
-    dht_startup_timeout: float = 60.0  # p2pd daemon start (hivemind's default 15 s is too short on a loaded box)
-    bootstrap_timeout: float = 20.0  # reaching the initial peers, on top of dht_startup_timeout
-    join_timeout: float = 15.0  # fetching/publishing the run identity in the DHT (whole join_run call)
-    identity_settle_time: float = 1.0  # first peer re-reads its identity after this long to catch a rival founder
-    identity_ttl: float = 7 * 24 * 3600.0  # DHT expiration of the identity record; each join_run refreshes it
-    matchmaking_time: float = 5.0  # a leader waits this long for followers before assembling (min_matchmaking_time)
-    request_timeout: float = 3.0  # one matchmaking request to a would-be leader; must be < matchmaking_time
-    allreduce_timeout: float = 60.0  # the all-reduce once a group is formed (whole exchange of tensors)
+    dht_startup_timeout: Seconds = 60.0  # p2pd daemon start (hivemind's default 15 s is too short on a loaded box)
+    bootstrap_timeout: Seconds = 20.0  # reaching the initial peers, on top of dht_startup_timeout
+    join_timeout: Seconds = 15.0  # fetching/publishing the run identity in the DHT (whole join_run call)
+    identity_settle_time: NonNegativeFloat = 1.0  # first peer re-reads its identity after this long to catch a rival founder
+    identity_ttl: Seconds = 7 * 24 * 3600.0  # DHT expiration of the identity record; each join_run refreshes it
+    matchmaking_time: Seconds = 5.0  # a leader waits this long for followers before assembling (min_matchmaking_time)
+    request_timeout: Seconds = 3.0  # one matchmaking request to a would-be leader; must be < matchmaking_time
+    allreduce_timeout: Seconds = 60.0  # the all-reduce once a group is formed (whole exchange of tensors)
     # A group member that sends no next chunk within this long is excluded (sender timeout; reducers get
     # twice this). Also the per-chunk timeout of state downloads (hivemind's own logic there is inverted,
     # so it is always set explicitly).
-    next_chunk_timeout: float = 10.0
-    boundary_deadline: float = 120.0  # how long a peer waits at an iteration boundary for a group
-    state_download_timeout: float = 60.0  # a whole state download (donor discovery + transfer)
-    state_declare_period: float = 30.0  # a state donor re-announces itself this often (its DHT record's lifetime)
-    progress_ttl: float = 60.0  # a peer's progress record expires after this long unless re-published
+    next_chunk_timeout: Seconds = 10.0
+    boundary_deadline: Seconds = 120.0  # how long a peer waits at an iteration boundary for a group
+    state_download_timeout: Seconds = 60.0  # a whole state download (donor discovery + transfer)
+    state_declare_period: Seconds = 30.0  # a state donor re-announces itself this often (its DHT record's lifetime)
+    progress_ttl: Seconds = 60.0  # a peer's progress record expires after this long unless re-published
     # --- centralized mode (the Repository, paper §2.3)
-    peer_wait_timeout: float = 60.0  # the Repository waits this long for every configured dataset's peer to connect
+    peer_wait_timeout: Seconds = 60.0  # the Repository waits this long for every configured dataset's peer to connect
     contributor_deadline: float = 3600.0  # the Repository waits this long for the sampled contributors to finish
     # What the Repository does when an iteration's fusion still fails at boundary_deadline (after retries):
     # `error` stops the run with a one-line error (non-zero exit); `skip` keeps θ_{i+1} = θ_i and goes on.
     on_fusion_failure: Literal["error", "skip"] = "error"
-    assignment_timeout: float = 7200.0  # a peer waits this long for the Repository's next assignment or go
-    poll_interval: float = 0.5  # how often a waiting process re-reads a DHT record
-    dht_request_timeout: float = 10.0  # one DHT get/store (progress records, identity reads inside join_timeout)
-    local_rpc_timeout: float = 15.0  # a call into hivemind's own background processes (pipes, locks)
-    shutdown_timeout: float = 10.0  # graceful stop of the averager / DHT before they are killed
+    assignment_timeout: Seconds = 7200.0  # a peer waits this long for the Repository's next assignment or go
+    poll_interval: Seconds = 0.5  # how often a waiting process re-reads a DHT record
+    dht_request_timeout: Seconds = 10.0  # one DHT get/store (progress records, identity reads inside join_timeout)
+    local_rpc_timeout: Seconds = 15.0  # a call into hivemind's own background processes (pipes, locks)
+    shutdown_timeout: Seconds = 10.0  # graceful stop of the averager / DHT before they are killed
+
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SwarmConfig:
+        """Settings hivemind would deadlock or assert on."""
+        if self.target_group_size is not None and self.target_group_size < self.min_group_size:
+            raise ValueError(f"target_group_size={self.target_group_size} must be at least min_group_size={self.min_group_size}")
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError(
+                f"request_timeout={self.request_timeout} must be below matchmaking_time={self.matchmaking_time} (hivemind matchmaking can deadlock)"
+            )
+        if self.boundary_deadline <= self.matchmaking_time:
+            raise ValueError(f"boundary_deadline={self.boundary_deadline} must exceed matchmaking_time={self.matchmaking_time}")
+        return self
+
+
+RunConfig.model_rebuild()  # it names SwarmConfig, defined after it
 
 
 def validate_swarm_config(config: SwarmConfig) -> None:
-    """Reject settings hivemind would deadlock or assert on, with one-line messages."""
-    if config.compression not in ("none", "fp16", "8bit"):
-        raise P2PColdError(f"swarm: compression={config.compression!r} is not one of none, fp16, 8bit")
-    if config.on_fusion_failure not in ("error", "skip"):
-        raise P2PColdError(f"swarm: on_fusion_failure={config.on_fusion_failure!r} is not one of error, skip")
-    if not 0 <= config.port <= 65535:
-        raise P2PColdError(f"swarm: port={config.port} is not a TCP port")
-    if config.min_group_size < 2:
-        raise P2PColdError("swarm: min_group_size must be at least 2")
-    if config.target_group_size is not None and config.target_group_size < config.min_group_size:
-        raise P2PColdError("swarm: target_group_size must be at least min_group_size")
-    timeouts = (
-        "dht_startup_timeout", "bootstrap_timeout", "join_timeout", "identity_ttl", "matchmaking_time",
-        "request_timeout", "allreduce_timeout", "next_chunk_timeout", "boundary_deadline",
-        "state_download_timeout", "state_declare_period", "progress_ttl", "dht_request_timeout",
-        "peer_wait_timeout", "contributor_deadline", "assignment_timeout", "poll_interval",
-        "local_rpc_timeout", "shutdown_timeout",
-    )  # fmt: skip
-    for name in timeouts:
-        if not getattr(config, name) > 0:
-            raise P2PColdError(f"swarm: {name} must be positive")
-    if config.identity_settle_time < 0:
-        raise P2PColdError("swarm: identity_settle_time must not be negative")
-    if config.request_timeout >= config.matchmaking_time:
-        raise P2PColdError("swarm: request_timeout must be below matchmaking_time (hivemind matchmaking can deadlock)")
-    if config.boundary_deadline <= config.matchmaking_time:
-        raise P2PColdError("swarm: boundary_deadline must exceed matchmaking_time")
+    """Check a SwarmConfig again (its fields may have been set without validation), with one-line messages."""
+    from_dict(SwarmConfig, config.model_dump(), where="swarm")
 
 
 # --------------------------------------------------------------------------- the run contract

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from p2pcold.config import RunConfig, load_dataset_spec, to_dict
+from p2pcold.config import RunConfig, load_dataset_spec
 from p2pcold.evaluate import Evaluator, evaluate_and_record
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import average, sample_contributors
 from p2pcold.results import EvalResult, read_results, summary_table
+from p2pcold.run_folder import check_run_folder, write_run_config
 from p2pcold.run_state import RunState
-from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, get_logger
+from p2pcold.utils import atomic_write_json, get_logger, read_json
 
 log = get_logger("local_run")
 
@@ -62,19 +61,14 @@ class LocalRun:
         if config.eval.datasets:
             # The evaluator loads each base into a working body of its own.
             self.evaluator = Evaluator(config.eval, self.tokenizer, copy.deepcopy(self.state.body), config.seed, self.device, set(self.contributors))
+        write_run_config(self.output_dir, self.config)  # started: the folder is this run's from now on
         if self.state.resume() is not None:
             self._resume()
         elif self.evaluator and config.eval.every:
             self._evaluate("pretrained")
 
     def _check_output_dir(self) -> None:
-        resolved = yaml.safe_dump(to_dict(self.config), sort_keys=True)
-        saved = self.output_dir / "config.yaml"
-        if saved.is_file():
-            if saved.read_text() != resolved:
-                raise P2PColdError(f"{self.output_dir} holds a run with a different config; choose another output_dir")
-        else:
-            atomic_write_bytes(saved, resolved.encode())
+        check_run_folder(self.output_dir, self.config)
 
     @property
     def iteration(self) -> int:
@@ -94,7 +88,7 @@ class LocalRun:
 
     def _read_json(self, name: str, default):
         path = self.output_dir / name
-        return json.loads(path.read_text()) if path.is_file() else default
+        return read_json(path) if path.is_file() else default
 
     # ------------------------------------------------------------------ train
 

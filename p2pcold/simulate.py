@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from p2pcold.config import RunConfig, load_dataset_spec, load_run_config, to_dict
+from p2pcold.run_folder import check_output_dir
 from p2pcold.utils import (
     EXIT_TERMINATED,
     P2PColdError,
@@ -366,7 +367,7 @@ def prepare_run(config_path: str | None, resume: str | None, overrides: dict) ->
             raise P2PColdError(f"{run_dir}: not a simulation run folder (no config.yaml)")
         return load_run_config(run_dir / "config.yaml"), run_dir
     config = load_run_config(config_path or DEFAULT_CONFIG, overrides)
-    run_dir = Path(config.output_dir)
+    run_dir = check_output_dir(config.output_dir)
     if (run_dir / "config.yaml").is_file():
         raise P2PColdError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or set output_dir")
     return config, run_dir

@@ -1,7 +1,9 @@
 """Small helpers every layer may use: errors, process set-up, seeding, hashing, atomic files, logging.
 
-Nothing here imports the rest of p2pcold, torch models or hivemind. Nothing here changes global state
-at import: an entry point calls `setup_process()` (and `raise_on_sigterm()` where it must clean up).
+Nothing here imports the rest of p2pcold, torch models or hivemind; torch itself is imported only
+where a tensor is hashed, so that the config layer (and its errors) load in a fraction of a second.
+Nothing here changes global state at import: an entry point calls `setup_process()` (and
+`raise_on_sigterm()` where it must clean up).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class P2PColdError(Exception):
@@ -60,13 +63,15 @@ def recipes_dir() -> Path:
 def setup_process(verbose: bool = False) -> None:
     """What every p2pcold entry point sets up once, before any work: logging, and no progress bars
     from transformers and datasets (p2pcold draws its own; theirs, per weight load and per map, would
-    interleave with it). Idempotent."""
-    import datasets
-    import transformers
-
+    interleave with it). Idempotent, and imports neither library: a command that fails on its input
+    fails before loading them, and each reads these switches when it is first imported."""
     setup_logging(verbose)
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -95,6 +100,8 @@ def derive_seed(*parts: object) -> int:
 
 def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes, in name order. Identical on every machine."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
@@ -159,5 +166,5 @@ def read_json(path: str | os.PathLike) -> object:
             return json.load(f)
     except FileNotFoundError:
         raise P2PColdError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise P2PColdError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P2PColdError(f"{path}: damaged, not valid JSON ({e})") from None

@@ -90,7 +90,7 @@ def test_read_metadata_of_a_plain_folder_is_a_clear_error(tmp_path):
     with pytest.raises(P2PColdError, match="not a p2pcold checkpoint"):
         read_metadata(tmp_path)
     (tmp_path / "p2pcold.json").write_text(json.dumps({"iteration": 1}))
-    with pytest.raises(P2PColdError, match="unreadable"):
+    with pytest.raises(P2PColdError, match="damaged checkpoint metadata"):
         read_metadata(tmp_path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pcold.utils import Terminated, raise_on_sigterm, recipes_dir, setup_process
+from p2pcold.utils import Terminated, raise_on_sigterm, recipes_dir
 
 PROBE = """
 import json, logging
@@ -44,7 +44,9 @@ print(json.dumps({"after_import": after_import, "after_setup_twice": state()}))
 
 @pytest.mark.timeout(120)
 def test_imports_change_no_global_state_and_each_setup_is_idempotent():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=110)
+    # a fresh environment: an earlier setup_process() in this test process sets the libraries' switches
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=110, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     states = json.loads(out.stdout.strip().splitlines()[-1])
     assert states["after_import"] == {

@@ -31,6 +31,9 @@ class PreparedDataset:
 
 
 def prepare_dataset(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreparedDataset:
+    if max_length > tokenizer.model_max_length:  # the model has no position embedding past this
+        limit = tokenizer.model_max_length
+        raise P2PColdError(f"max_length={max_length} is more than the model reads; set finetune.max_length and eval.finetune.max_length to at most {limit}")
     examples = load_examples(spec)
 
     def tokenize(batch):

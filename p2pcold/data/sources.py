@@ -80,6 +80,8 @@ def read_file(path: Path, encoding: str | None) -> datasets.Dataset:
     if fmt is None:
         supported, compressions = ", ".join(FORMATS), ", ".join(COMPRESSIONS)
         raise P2PColdError(f"{path}: unsupported file format (use {supported}; text formats may end in {compressions})")
+    if encoding is None and fmt != ".parquet" and _looks_binary(path):
+        raise P2PColdError(f"{path}: a binary file, not {fmt[1:]} text; point `source` at the data file itself")
     try:
         frame = _READERS[fmt](path, encoding)
         # Mixed-type columns (numbers and strings) cannot become Arrow columns; as strings they can.
@@ -91,6 +93,15 @@ def read_file(path: Path, encoding: str | None) -> datasets.Dataset:
         raise P2PColdError(f"{path}: not valid {expected} text ({e.reason}); set `encoding` (e.g. latin-1)") from None
     except Exception as e:  # pandas, pyarrow and the codecs each raise their own types; all mean "unreadable"
         raise P2PColdError(f"{path}: cannot read as {fmt[1:]}: {_first_line(e)}") from None
+
+
+def _looks_binary(path: Path) -> bool:
+    """NUL bytes near the start: no text file in an 8-bit or UTF-8 encoding has them (compressed
+    files are left to their decompressor, which reports damage itself)."""
+    if path.suffix.lower() in COMPRESSIONS:
+        return False
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 def _read_csv(path: Path, encoding: str | None) -> pd.DataFrame:

@@ -14,9 +14,11 @@ import os
 import socket
 import time
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Sequence
 
 import hivemind
+from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
@@ -122,6 +124,23 @@ def _check_maddrs(maddrs: Sequence[str], what: str) -> list[str]:
     return checked
 
 
+def check_identity_file(path: Path) -> None:
+    """An identity key that exists must be a private key; a new one needs a folder to be created in."""
+    if path.is_dir():
+        raise P2PColdError(f"{path}: identity key path is a folder; give a file path (created on first use)")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise P2PColdError(f"{path}: cannot create the identity key there, {path.parent} is not a folder")
+        return
+    try:
+        PeerID.from_identity(path.read_bytes())
+    except Exception:  # protobuf and the key parsers raise several types; all mean "not a key"
+        raise P2PColdError(
+            f"{path}: damaged identity key; restore it from a backup, or delete it to create a new one "
+            "(the peer id, and so this node's address, will change)"
+        ) from None
+
+
 def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False) -> hivemind.DHT:
     """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
 
@@ -132,6 +151,8 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
     """
     validate_swarm_config(config)
     _compat.apply()
+    if config.identity_path is not None:
+        check_identity_file(Path(config.identity_path))
     initial = _check_maddrs(list(initial_peers), "initial_peers")
     announce = _check_maddrs(config.announce_maddrs, "announce_maddrs")
     listen = listen_maddr(config.host, config.port)

@@ -11,7 +11,7 @@ import pytest
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
 
-from p2pcold.swarm import _compat, start_dht, stop_dht
+from p2pcold.swarm import _compat, stop_dht
 
 from helpers import fast_config, make_body
 

@@ -18,11 +18,12 @@ def test_defaults_are_valid_and_dicts_load():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"request_timeout": 5.0, "matchmaking_time": 5.0}, "request_timeout must be below matchmaking_time"),
-        ({"min_group_size": 1}, "min_group_size"),
-        ({"target_group_size": 2, "min_group_size": 3}, "target_group_size"),
-        ({"allreduce_timeout": 0}, "allreduce_timeout must be positive"),
-        ({"boundary_deadline": 4.0}, "boundary_deadline must exceed matchmaking_time"),
+        ({"request_timeout": 5.0, "matchmaking_time": 5.0}, "request_timeout=5.0 must be below matchmaking_time=5.0"),
+        ({"min_group_size": 1}, "min_group_size=1: must be at least 2"),
+        ({"target_group_size": 2, "min_group_size": 3}, "target_group_size=2 must be at least min_group_size=3"),
+        ({"allreduce_timeout": 0}, "allreduce_timeout=0: must be greater than 0"),
+        ({"boundary_deadline": 4.0}, "boundary_deadline=4.0 must exceed matchmaking_time"),
+        ({"port": 70000}, "port=70000: must be at most 65535"),
     ],
 )
 def test_bad_settings_are_refused(fields, message):
@@ -31,5 +32,11 @@ def test_bad_settings_are_refused(fields, message):
 
 
 def test_unknown_compression_is_refused():
-    with pytest.raises(P2PColdError, match="is not one of"):
+    with pytest.raises(P2PColdError, match="compression='4bit': must be 'none', 'fp16' or '8bit'"):
         from_dict(SwarmConfig, {"compression": "4bit"})
+
+
+def test_settings_set_after_construction_are_checked_too():
+    config = SwarmConfig()
+    with pytest.raises(P2PColdError, match="request_timeout=9.0 must be below"):
+        config.request_timeout = 9.0
