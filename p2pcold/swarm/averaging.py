@@ -132,8 +132,10 @@ def verdict_wait_s(config: SwarmConfig) -> float:
 
 
 def group_step_timeout_s(config: SwarmConfig) -> float:
-    """hivemind's bound on one group's work (its `allreduce_timeout`): the reduce, then the verdicts."""
-    return verdict_wait_s(config) + config.dht_request_timeout
+    """hivemind's bound on one group's work (its `allreduce_timeout`), so that it never cuts the verdicts
+    short: its set-up before the reduce (the tensor lock: `local_rpc_timeout`), the verdict wait, and
+    the last read of the verdicts (`dht_request_timeout`)."""
+    return config.local_rpc_timeout + verdict_wait_s(config) + config.dht_request_timeout
 
 
 def verdict_key(prefix: str, group_id: bytes) -> str:

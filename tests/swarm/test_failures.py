@@ -183,7 +183,7 @@ def test_a_member_stopped_past_the_reducer_timeout_never_leaves_two_fused_bodies
     reports OK holds its group's exact mean; the two others always end fused."""
     marker = tmp_path / "paused-in-allreduce"
     overrides = dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2)
-    fusion = WorkerFusion(swarm, "pause", dict(pause_marker=str(marker), pause_hold_s=0.5), overrides, 40.0, SIZE)
+    fusion = WorkerFusion(swarm, "pause", dict(pause_marker=str(marker), pause_hold_s=0.5), overrides, 25.0, SIZE)
     stopped_s = 2 * fusion.config.next_chunk_timeout + 1.0
 
     def stop_then_resume(fusion):
