@@ -176,14 +176,14 @@ class _SwarmAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
-        began = time.monotonic()
+        config, began = self._swarm_config, time.monotonic()
         try:
             await asyncio.wait_for(
-                self._reduce(tensors, group_info, group_id, **kwargs), self._swarm_config.allreduce_timeout
+                self._reduce(tensors, group_info, group_id, **kwargs), config.allreduce_timeout
             )
             problem = ""
         except asyncio.TimeoutError:
-            problem = f"the all-reduce did not finish within allreduce_timeout={self._swarm_config.allreduce_timeout:.0f} s"
+            problem = f"the all-reduce did not finish within allreduce_timeout ({config.allreduce_timeout:.0f} s)"
         except AllreduceException as e:
             problem = str(e) or "the all-reduce failed"
         except Exception as e:  # the P2P errors of a broken stream
@@ -192,7 +192,8 @@ class _SwarmAverager(DecentralizedAverager):
         await self._publish_verdict(key, problem)
         if problem:
             raise AllreduceException(problem)
-        await self._await_clean_verdicts(key, [str(peer) for peer in group_info.peer_ids], began + verdict_wait_s(self._swarm_config))
+        members = [str(peer) for peer in group_info.peer_ids]
+        await self._await_clean_verdicts(key, members, until=began + verdict_wait_s(config))
 
     async def _reduce(self, tensors, group_info, group_id, **kwargs) -> None:
         """hivemind's all-reduce, failed when it was partial on this member's side."""
@@ -224,7 +225,7 @@ class _SwarmAverager(DecentralizedAverager):
                 ),
                 timeout,
             )
-        except (asyncio.TimeoutError, Exception) as e:  # the others then miss this verdict and fail
+        except Exception as e:  # a timeout or a DHT error: the others then miss this verdict and fail
             logger.warning("the verdict on an all-reduce was not stored within %.1f s (%r)", timeout, e)
 
     async def _await_clean_verdicts(self, key: str, members: list[str], until: float) -> None:
@@ -251,7 +252,7 @@ class _SwarmAverager(DecentralizedAverager):
             found = await asyncio.wait_for(
                 self.dht.get(key, latest=True, return_future=True), self._swarm_config.dht_request_timeout
             )
-        except (asyncio.TimeoutError, Exception) as e:
+        except Exception as e:  # a timeout or a DHT error: read again until the wait is over
             logger.debug("reading the verdicts under %s: %r", key, e)
             return {}
         if found is None or not isinstance(found.value, dict):

@@ -152,9 +152,8 @@ def assert_one_fused_body(fusion: WorkerFusion, results, reply) -> None:
 @pytest.mark.timeout(120)
 def test_survivors_of_a_killed_peer_refuse_the_partial_average_and_regroup(swarm, tmp_path):
     marker = tmp_path / "victim-in-allreduce"
-    fusion = WorkerFusion(
-        swarm, "kill", dict(stall_marker=str(marker)), dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2), 30.0, SIZE
-    )
+    overrides = dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2)
+    fusion = WorkerFusion(swarm, "kill", dict(stall_marker=str(marker)), overrides, 30.0, SIZE)
     killed = {}
 
     def kill_victim(fusion):
