@@ -12,11 +12,15 @@ needs on top of it:
 * **A typed outcome instead of exceptions.** `fuse` returns a `FusionResult` whose status is OK,
   NO_GROUP (nobody else at this iteration before the deadline) or FAILED (groups formed, but every
   all-reduce failed or was partial); the caller falls back to `download_state` or its local body.
-* **No silent partial averages.** When a group member dies mid-way, hivemind's all-reduce still
-  "succeeds": the dead member's slice of the vector keeps each survivor's *local* values, and senders
-  that stopped are dropped from the remaining parts. Survivors would then hold different bodies. The
-  averager detects both cases and fails the attempt; `fuse` then re-copies the untouched body and
-  retries with the survivors until the deadline.
+* **No silent partial averages.** When a group member dies or stalls mid-way, hivemind's all-reduce
+  still "succeeds": the missing member's slice of the vector keeps each survivor's *local* values,
+  and senders that stopped are dropped from the remaining parts. Members would then hold different
+  bodies. The averager detects both cases on its own side and fails the attempt.
+* **One outcome per group.** hivemind lets each member decide on its own whether an all-reduce
+  succeeded, so under load one member can fail while the others succeed and leave. Each member
+  publishes its verdict on the group in the DHT, and succeeds only when every member's verdict is
+  clean (`_SwarmAverager`). A failure is thus seen by the whole group, which retries together with the
+  same bodies (`fuse` re-copies the untouched body) until the deadline.
 * **State sharing for late joiners** (`set_shared_state` / `download_state`), with the iteration as
   hivemind's `state_sharing_priority`, so the newest donor is asked first.
 """
@@ -41,6 +45,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _procs
@@ -116,11 +121,47 @@ class FusionResult:
         return self.status is FusionStatus.OK
 
 
-class _SwarmAverager(DecentralizedAverager):
-    """DecentralizedAverager that serves p2pcold's shared state and refuses partial all-reduces."""
+def verdict_wait_s(config: SwarmConfig) -> float:
+    """How long after its own all-reduce began a member waits for every member's verdict on it.
 
-    def __init__(self, *args, state_provider, **kwargs):
+    A member's reduce is cut off `allreduce_timeout` after it began; members begin at most one sender
+    timeout (`next_chunk_timeout`) apart, since a later one is excluded by the reducers, who then report
+    the failure themselves; publishing a verdict takes at most `dht_request_timeout`.
+    """
+    return config.allreduce_timeout + config.next_chunk_timeout + config.dht_request_timeout
+
+
+def group_step_timeout_s(config: SwarmConfig) -> float:
+    """hivemind's bound on one group's work (its `allreduce_timeout`), so that it never cuts the verdicts
+    short: its set-up before the reduce (the tensor lock: `local_rpc_timeout`), the verdict wait, and
+    the last read of the verdicts (`dht_request_timeout`)."""
+    return config.local_rpc_timeout + verdict_wait_s(config) + config.dht_request_timeout
+
+
+def verdict_key(prefix: str, group_id: bytes) -> str:
+    """The DHT key under which the members of one all-reduce group publish their verdicts."""
+    return f"{prefix}.verdict.{group_id.hex()}"
+
+
+class _SwarmAverager(DecentralizedAverager):
+    """DecentralizedAverager that serves p2pcold's shared state, refuses partial all-reduces, and makes
+    every member of a group agree on the outcome.
+
+    hivemind's all-reduce has no agreement step: whether it "succeeded" is decided by each member on its
+    own, from the timeouts it saw. Under CPU starvation the members' views differ: a reducer excludes a
+    sender that started late while the other reducers did not, a sender gives up on a reducer whose
+    results were on their way, a leader counts a follower that already left. A member that sees a partial
+    result then fails while the others return success and leave, so it has nobody to retry with (and a
+    member can even hold a body that mixes slices averaged with and without the excluded sender).
+
+    Here each member publishes its own verdict on the group (clean, or the failure it saw) in the DHT and
+    reports success only once every member of the group published a clean one: a failure seen by one
+    member is seen by all of them, and they retry together.
+    """
+
+    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, **kwargs):
         self._state_provider = state_provider
+        self._swarm_config = swarm_config
         self._p2pcold_parent = os.getpid()
         super().__init__(*args, **kwargs)
 
@@ -134,8 +175,30 @@ class _SwarmAverager(DecentralizedAverager):
         return metadata, tensors, None
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        config, began = self._swarm_config, time.monotonic()
+        try:
+            await asyncio.wait_for(
+                self._reduce(tensors, group_info, group_id, **kwargs), config.allreduce_timeout
+            )
+            problem = ""
+        except asyncio.TimeoutError:
+            problem = f"the all-reduce did not finish within allreduce_timeout ({config.allreduce_timeout:.0f} s)"
+        except AllreduceException as e:
+            problem = str(e) or "the all-reduce failed"
+        except Exception as e:  # the P2P errors of a broken stream
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        key = verdict_key(self.prefix, group_id)
+        await self._publish_verdict(key, problem)
+        if problem:
+            raise AllreduceException(problem)
+        members = [str(peer) for peer in group_info.peer_ids]
+        await self._await_clean_verdicts(key, members, until=began + verdict_wait_s(config))
+
+    async def _reduce(self, tensors, group_info, group_id, **kwargs) -> None:
+        """hivemind's all-reduce, failed when it was partial on this member's side."""
         await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
-        running = self._running_groups.get(group_info.group_id if group_id is None else group_id)
+        running = self._running_groups.get(group_id)
         if running is None or not running.done() or running.cancelled():
             return
         runner = running.result()
@@ -147,6 +210,59 @@ class _SwarmAverager(DecentralizedAverager):
                 f"partial all-reduce: {failed} of {total} values kept local (a reducer failed), "
                 f"senders excluded: {', '.join(banned) or 'none'}"
             )
+
+    async def _publish_verdict(self, key: str, problem: str) -> None:
+        timeout = self._swarm_config.dht_request_timeout
+        verdict = {"clean": not problem, "reason": problem[:300]}
+        try:
+            await asyncio.wait_for(
+                self.dht.store(
+                    key,
+                    verdict,
+                    expiration_time=get_dht_time() + verdict_wait_s(self._swarm_config) + timeout,
+                    subkey=str(self.peer_id),
+                    return_future=True,
+                ),
+                timeout,
+            )
+        except Exception as e:  # a timeout or a DHT error: the others then miss this verdict and fail
+            logger.warning("the verdict on an all-reduce was not stored within %.1f s (%r)", timeout, e)
+
+    async def _await_clean_verdicts(self, key: str, members: list[str], until: float) -> None:
+        """Return once every member published a clean verdict; raise on a failed or a missing one."""
+        config = self._swarm_config
+        while True:
+            verdicts = await self._read_verdicts(key)
+            failed = {peer: verdicts[peer] for peer in members if verdict_failed(verdicts.get(peer))}
+            if failed:
+                peer, verdict = next(iter(failed.items()))
+                reason = verdict.get("reason") if isinstance(verdict, dict) else None
+                raise AllreduceException(f"group member {peer} saw the all-reduce fail: {reason or verdict!r}")
+            missing = [peer for peer in members if peer not in verdicts]
+            if not missing:
+                return
+            if time.monotonic() >= until:
+                raise AllreduceException(
+                    f"no verdict from {', '.join(missing)} within {verdict_wait_s(config):.0f} s of the all-reduce"
+                )
+            await asyncio.sleep(min(config.poll_interval, max(0.0, until - time.monotonic())))
+
+    async def _read_verdicts(self, key: str) -> dict[str, Any]:
+        try:
+            found = await asyncio.wait_for(
+                self.dht.get(key, latest=True, return_future=True), self._swarm_config.dht_request_timeout
+            )
+        except Exception as e:  # a timeout or a DHT error: read again until the wait is over
+            logger.debug("reading the verdicts under %s: %r", key, e)
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {str(peer): item.value for peer, item in found.value.items()}
+
+
+def verdict_failed(verdict: Any) -> bool:
+    """A published verdict that is not a clean one (a malformed verdict counts as a failure)."""
+    return verdict is not None and not (isinstance(verdict, dict) and verdict.get("clean") is True)
 
 
 class BodyAverager:
@@ -206,13 +322,14 @@ class BodyAverager:
             dht,
             start=False,
             state_provider=self._current_state,
+            swarm_config=config,
             prefix=self.prefix,
             target_group_size=config.target_group_size,
             min_group_size=config.min_group_size,
             initial_group_bits=iteration_group_bits(0),
             min_matchmaking_time=config.matchmaking_time,
             request_timeout=config.request_timeout,
-            allreduce_timeout=config.allreduce_timeout,
+            allreduce_timeout=group_step_timeout_s(config),
             next_chunk_timeout=config.next_chunk_timeout,
             sender_timeout=config.next_chunk_timeout,
             reducer_timeout=2 * config.next_chunk_timeout,
@@ -263,7 +380,7 @@ class BodyAverager:
         abort: Callable[[], bool] | None = None,
     ) -> FusionResult:
         """Average `body` with the peers at the same `iteration`; blocks at most about
-        `deadline_s + allreduce_timeout + local_rpc_timeout` seconds.
+        `deadline_s + group_step_timeout_s(config) + local_rpc_timeout` seconds.
 
         `deadline_s` (default `config.boundary_deadline`) is how long to keep looking for a group;
         it must exceed `config.matchmaking_time`. `weight` >= 0 is this peer's share in the weighted
@@ -312,12 +429,9 @@ class BodyAverager:
             if not began_allreduce and "could not find a group" in message:
                 break  # the step already waited for a group until the (retry) deadline
             if began_allreduce:
+                # Every member of the group saw this failure too (the verdicts): they all retry with
+                # their same bodies until the deadline, so the retry keeps the whole remaining window.
                 status = FusionStatus.FAILED
-                # The survivors of a failed all-reduce notice within ~2 x next_chunk_timeout of each other
-                # and retry together; waiting longer than that for them is futile (a survivor that saw no
-                # failure has already returned), so the retry window is bounded, not the whole deadline.
-                window = self.config.matchmaking_time + 2 * self.config.next_chunk_timeout + self.config.request_timeout
-                end = min(end, time.monotonic() + window)
             logger.warning("fusion at iteration %d, attempt %d failed: %s; retrying", iteration, attempts, message)
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
         return FusionResult(
@@ -343,7 +457,7 @@ class BodyAverager:
         if remaining <= self.config.matchmaking_time + 0.05:  # hivemind asserts scheduled time < deadline
             return False, "could not find a group before the deadline"
         control = self._averager.step(gather=gather, weight=weight, timeout=remaining, allow_retries=False, wait=False)
-        bound = remaining + self.config.allreduce_timeout + self.config.local_rpc_timeout
+        bound = remaining + group_step_timeout_s(self.config) + self.config.local_rpc_timeout
         give_up = time.monotonic() + bound
         try:
             while True:

@@ -1,10 +1,16 @@
 """A swarm peer in its own process (and process group), driven by the tests over stdin/stdout.
 
 Usage: python peer_worker.py '<json options>'. Options: initial_peers (list), run_id, config (dict of
-SwarmConfig fields), template (name -> shape), stall_marker (path: on entering an all-reduce, write
-this file and freeze the averager, so that the test can SIGKILL the peer mid-all-reduce).
+SwarmConfig fields), template (name -> shape), and at most one fault to inject:
+- stall_marker (path): on entering an all-reduce, write this file and freeze the averager, so that the
+  test can SIGKILL the peer mid-all-reduce;
+- pause_marker (path): on entering the first all-reduce, write the averager's pid to this file and
+  hold its event loop for `pause_hold_s`, so that the test can SIGSTOP the averager mid-all-reduce;
+- fail_own_side_once (bool): the first all-reduce that completes cleanly fails on this member's side
+  only, as a reducer timeout seen by one member alone would.
 Commands, one JSON object per stdin line: {"cmd": "fuse", "iteration", "weight", "deadline", "fill"
-(every body value)} / {"cmd": "exit"}. Replies are one JSON line each, prefixed "@@ ".
+(every body value)} / {"cmd": "exit"}. Replies are one JSON line each, prefixed "@@ "; a fuse reply
+holds the status, attempts, members and (when OK) the averaged body's min and max.
 """
 
 from __future__ import annotations
@@ -40,6 +46,31 @@ def main() -> None:
 
         swarm_averaging._SwarmAverager._run_allreduce_inplace_ = stalling
 
+    if options.get("pause_marker"):
+        marker, hold_s = options["pause_marker"], options.get("pause_hold_s", 1.0)
+        original = swarm_averaging._SwarmAverager._run_allreduce_inplace_
+
+        async def pausing(self, tensors, group_info, group_id=None, **kwargs):
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                time.sleep(hold_s)  # blocks the event loop: the test stops the process meanwhile
+            return await original(self, tensors, group_info, group_id=group_id, **kwargs)
+
+        swarm_averaging._SwarmAverager._run_allreduce_inplace_ = pausing
+
+    if options.get("fail_own_side_once"):
+        original_reduce = swarm_averaging._SwarmAverager._reduce
+        failed = []
+
+        async def failing_once(self, *args, **kwargs):
+            await original_reduce(self, *args, **kwargs)
+            if not failed:
+                failed.append(True)
+                raise swarm_averaging.AllreduceException("injected: a reducer timed out on this member's side only")
+
+        swarm_averaging._SwarmAverager._reduce = failing_once
+
     config = SwarmConfig(**options.get("config", {}))
     dht = start_dht(config, options.get("initial_peers", []))
     template = {name: torch.zeros(shape) for name, shape in options["template"].items()}
@@ -52,7 +83,12 @@ def main() -> None:
         if command["cmd"] == "fuse":
             body = {name: torch.full_like(tensor, command["fill"]) for name, tensor in template.items()}
             result = averager.fuse(body, command["iteration"], command["weight"], command["deadline"])
-            reply({"status": result.status.value, "group_size": result.group_size, "reason": result.reason})
+            summary = {"status": result.status.value, "group_size": result.group_size, "reason": result.reason}
+            summary.update(attempts=result.attempts, members=sorted(result.members))
+            if result.ok:
+                values = torch.cat([tensor.flatten() for tensor in result.averaged.values()])
+                summary.update(min=float(values.min()), max=float(values.max()))
+            reply(summary)
     averager.shutdown()
     reply({"bye": True})
 

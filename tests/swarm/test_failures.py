@@ -1,4 +1,5 @@
-"""A group member killed (SIGKILL, whole process group) in the middle of an all-reduce."""
+"""Faults injected into real all-reduces on 127.0.0.1: a member killed (SIGKILL, whole process group) or
+stopped (SIGSTOP) in the middle of one, and a failure that only one member of the group sees."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from p2pcold.swarm import FusionStatus, visible_maddrs
+from p2pcold.swarm.averaging import group_step_timeout_s
 
 from helpers import FAST, fast_config, fuse_all, weighted_mean
 
@@ -63,59 +65,160 @@ def process_group(pgid: int) -> set[int]:
     return members
 
 
+FILLS = (1.0, 2.0, 30.0)  # the bodies' values: two in-process members, then the worker
+
+
+class WorkerFusion:
+    """Two in-process members and one worker process (which may carry an injected fault) fuse at
+    iteration 0. `during(fusion)` runs in the test's thread while they fuse."""
+
+    def __init__(self, swarm, run_id: str, worker_options: dict, overrides: dict, deadline: float, size: int):
+        self.config = fast_config(**overrides)
+        self.deadline = deadline
+        dhts = swarm.start(2, self.config)
+        self.worker, self.replies = start_worker(
+            dict(
+                initial_peers=visible_maddrs(dhts[0]),
+                run_id=run_id,
+                config={**FAST, **overrides},
+                template={"w": [size]},
+                **worker_options,
+            )
+        )
+        ready = self.replies.get(timeout=60)
+        assert ready["ready"]
+        self.fills = {ready["peer_id"]: FILLS[2]}
+        template = {"w": torch.zeros(size)}
+        self.members = [swarm.averager(dht, run_id, template, self.config) for dht in dhts]
+        self.fills.update({member.peer_id: fill for member, fill in zip(self.members, FILLS)})
+        self.bodies = [{"w": torch.full((size,), fill)} for fill in FILLS[:2]]
+        self.members_done_at: float | None = None  # when the in-process members returned
+
+    def run(self, during) -> tuple[list, dict | None]:
+        """(the in-process members' FusionResults, the worker's reply or None when it died)."""
+        command = {"cmd": "fuse", "iteration": 0, "weight": 1.0, "deadline": self.deadline, "fill": FILLS[2]}
+        outcome: dict = {}
+        give_up = time.monotonic() + self.deadline + group_step_timeout_s(self.config) + 30  # fuse's own bound
+        try:
+            self.worker.stdin.write(json.dumps(command) + "\n")
+            self.worker.stdin.flush()
+            fusing = threading.Thread(
+                target=lambda: outcome.update(
+                    results=fuse_all(self.members, self.bodies, [0, 0], [1.0, 1.0], self.deadline),
+                    done_at=time.monotonic(),
+                )
+            )
+            fusing.start()
+            during(self)
+            fusing.join(timeout=give_up - time.monotonic())
+            self.members_done_at = outcome["done_at"]
+            try:
+                alive = self.worker.poll() is None
+                reply = self.replies.get(timeout=max(0.0, give_up - time.monotonic())) if alive else None
+            except queue.Empty:
+                reply = None
+        finally:
+            if self.worker.poll() is None:
+                os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait(timeout=10)
+        return outcome["results"], reply
+
+    def expected_value(self, members) -> float:
+        return sum(self.fills[peer] for peer in members) / len(members)
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    wait_until = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < wait_until:
+        time.sleep(0.02)
+    assert path.exists(), f"{path.name} never appeared: the worker never entered an all-reduce with the others"
+
+
+def assert_one_fused_body(fusion: WorkerFusion, results, reply) -> None:
+    """Every member that reports OK holds the mean of its group's bodies, and all of them the same one."""
+    fused_values = set()
+    for result in results:
+        if result.ok:
+            expected = fusion.expected_value(result.members)
+            assert torch.allclose(result.averaged["w"], torch.full_like(result.averaged["w"], expected))
+            fused_values.add(round(expected, 5))
+    if reply is not None and reply["status"] == "ok":
+        expected = fusion.expected_value(reply["members"])
+        assert reply["min"] == pytest.approx(expected) and reply["max"] == pytest.approx(expected)
+        fused_values.add(round(expected, 5))
+    assert len(fused_values) <= 1, f"members report OK with different bodies: {sorted(fused_values)}"
+
+
 @pytest.mark.timeout(120)
 def test_survivors_of_a_killed_peer_refuse_the_partial_average_and_regroup(swarm, tmp_path):
-    overrides = dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2)
-    config = fast_config(**overrides)
-    dhts = swarm.start(2, config)
     marker = tmp_path / "victim-in-allreduce"
-    options = dict(
-        initial_peers=visible_maddrs(dhts[0]),
-        run_id="kill",
-        config={**FAST, **overrides},
-        template={"w": [SIZE]},
-        stall_marker=str(marker),
-    )
-    victim, replies = start_worker(options)
-    try:
-        assert replies.get(timeout=60)["ready"]
+    overrides = dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2)
+    fusion = WorkerFusion(swarm, "kill", dict(stall_marker=str(marker)), overrides, 30.0, SIZE)
+    killed = {}
 
-        template = {"w": torch.zeros(SIZE)}
-        survivors = [swarm.averager(dht, "kill", template, config) for dht in dhts]
-        bodies = [{"w": torch.full((SIZE,), value)} for value in (1.0, 2.0, 30.0)]
-        deadline = 30.0
-        command = {"cmd": "fuse", "iteration": 0, "weight": 1.0, "deadline": deadline, "fill": 30.0}
-        victim.stdin.write(json.dumps(command) + "\n")
-        victim.stdin.flush()
+    def kill_victim(fusion):
+        wait_for_file(marker, 20.0)
+        os.killpg(fusion.worker.pid, signal.SIGKILL)
+        killed["at"] = time.monotonic()
 
-        outcome: dict = {}
-        fusing = threading.Thread(
-            target=lambda: outcome.update(results=fuse_all(survivors, bodies[:2], [0, 0], [1.0, 1.0], deadline))
-        )
-        fusing.start()
-        wait_until = time.monotonic() + 20.0
-        while not marker.exists() and time.monotonic() < wait_until:
-            time.sleep(0.02)
-        assert marker.exists(), "the victim never entered an all-reduce with the survivors"
-        os.killpg(victim.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        fusing.join(timeout=deadline + config.allreduce_timeout + 10)
-        recovered_after = time.monotonic() - killed_at
-    finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=10)
-
-    results = outcome["results"]
-    expected = weighted_mean(bodies[:2], [1.0, 1.0])  # the victim's 30.0 must not leak in
+    results, _ = fusion.run(kill_victim)
+    recovered_after = fusion.members_done_at - killed["at"]
+    expected = weighted_mean(fusion.bodies, [1.0, 1.0])  # the victim's 30.0 must not leak in
     for result in results:
         assert result.status is FusionStatus.OK, result.reason
         assert result.attempts == 2  # the partial all-reduce was refused, then the survivors regrouped
-        assert result.group_size == 2 and set(result.members) == {s.peer_id for s in survivors}
+        assert result.group_size == 2 and set(result.members) == {s.peer_id for s in fusion.members}
         assert torch.equal(result.averaged["w"], expected["w"])
-        assert result.elapsed_s < deadline
-    # measured: ~5.3 s = sender timeout (2 s) + matchmaking (3 s)
+        assert result.elapsed_s < fusion.deadline
+    # measured: ~5.3 s = sender timeout (2 s) + matchmaking (3 s); each survivor saw the failure itself
+    config = fusion.config
     assert recovered_after < 2 * config.next_chunk_timeout + config.matchmaking_time + 10
+
+
+@pytest.mark.timeout(150)
+def test_a_member_stopped_past_the_reducer_timeout_never_leaves_two_fused_bodies(swarm, tmp_path):
+    """The worker's averager is SIGSTOPped inside the all-reduce for longer than the reducer timeout
+    (2 x next_chunk_timeout), then resumed: the others exclude it and time out on its slice. Whoever
+    reports OK holds its group's exact mean; the two others always end fused."""
+    marker = tmp_path / "paused-in-allreduce"
+    overrides = dict(matchmaking_time=3.0, target_group_size=3, min_group_size=2)
+    fusion = WorkerFusion(swarm, "pause", dict(pause_marker=str(marker), pause_hold_s=0.5), overrides, 25.0, SIZE)
+    stopped_s = 2 * fusion.config.next_chunk_timeout + 1.0
+
+    def stop_then_resume(fusion):
+        wait_for_file(marker, 20.0)
+        averager_pid = int(marker.read_text())
+        os.kill(averager_pid, signal.SIGSTOP)
+        try:
+            time.sleep(stopped_s)
+        finally:
+            os.kill(averager_pid, signal.SIGCONT)
+
+    results, reply = fusion.run(stop_then_resume)
+    assert reply is not None, "the stopped worker died"
+    for result in results:
+        assert result.status is FusionStatus.OK, result.reason
+        assert result.attempts >= 2  # the first all-reduce, with the stopped member, failed for both
+    assert reply["status"] in ("ok", "failed", "no_group"), reply
+    assert_one_fused_body(fusion, results, reply)
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_seen_by_one_member_only_fails_the_group_everywhere_and_all_retry_together(swarm):
+    """The root cause of issue 9: hivemind lets each member decide alone whether an all-reduce
+    succeeded. Here the worker's side fails once after a clean reduce (as a reducer timeout seen by it
+    alone would). Its verdict makes the two others fail too, and the three regroup with their same bodies."""
+    overrides = dict(matchmaking_time=2.0, target_group_size=3, min_group_size=3)
+    fusion = WorkerFusion(swarm, "one-side", dict(fail_own_side_once=True), overrides, 30.0, 4096)
+    results, reply = fusion.run(lambda fusion: None)
+    everyone = set(fusion.fills)
+    assert reply is not None and reply["status"] == "ok", reply
+    assert reply["attempts"] == 2 and set(reply["members"]) == everyone
+    for result in results:
+        assert result.status is FusionStatus.OK, result.reason
+        assert result.attempts == 2 and set(result.members) == everyone
+    assert_one_fused_body(fusion, results, reply)
+    assert reply["min"] == pytest.approx(sum(FILLS) / 3)
 
 
 @pytest.mark.timeout(60)

@@ -1,4 +1,5 @@
-"""Records read from the DHT come from other peers: malformed ones are ignored, never trusted."""
+"""Records read from the DHT come from other peers (progress, identity, all-reduce verdicts): malformed ones
+are ignored, never trusted."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import dataclasses
 
 import pytest
 
+from p2pcold.config import SwarmConfig
 from p2pcold.swarm import PeerProgress, RunIdentity
+from p2pcold.swarm.averaging import group_step_timeout_s, verdict_failed, verdict_wait_s
 
 PROGRESS = PeerProgress(peer_id="Qm1", dataset="sst2", iteration=3, phase="training", train_loss=0.5)
 IDENTITY = RunIdentity(
@@ -52,3 +55,25 @@ def test_a_record_of_an_older_peer_without_the_newer_fields_still_parses():
     assert PeerProgress.from_record({**dataclasses.asdict(PROGRESS), "last_group": "sst2"}) is None  # wrong type
     identity = {k: v for k, v in dataclasses.asdict(IDENTITY).items() if k not in ("contract", "contract_hash")}
     assert RunIdentity.from_record(identity) == IDENTITY
+
+
+@pytest.mark.parametrize(
+    "verdict, failed",
+    [
+        (None, False),  # not published (yet): missing, not failed
+        ({"clean": True, "reason": ""}, False),
+        ({"clean": False, "reason": "partial all-reduce"}, True),
+        ({"clean": "yes"}, True),  # malformed verdicts from other peers count as failures
+        ({}, True),
+        ("clean", True),
+        (1, True),
+    ],
+)
+def test_a_verdict_counts_as_clean_only_when_it_says_so(verdict, failed):
+    assert verdict_failed(verdict) is failed
+
+
+def test_the_verdict_wait_covers_every_members_allreduce_and_hivemind_never_cuts_it_short():
+    config = SwarmConfig()
+    assert verdict_wait_s(config) >= config.allreduce_timeout + config.next_chunk_timeout
+    assert group_step_timeout_s(config) > verdict_wait_s(config)
