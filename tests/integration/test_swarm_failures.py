@@ -121,20 +121,26 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
 FAULTY_PEER = (str(Path(__file__).with_name("faulty_peer.py")),)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_peer_whose_fusion_failed_on_its_side_adopts_the_groups_body(swarm, tmp_path, tiny_model_dir):
     """At boundary 0 the victim's fuse() fails without joining (the group split in matchmaking), so a and
     b fuse as a group of 2 and nothing in their all-reduce tells them. The victim says that its fusion
     failed, then adopts the group's body (logged, and recorded in that checkpoint's metadata with its
-    failed attempts), so that the three peers end the run with one body, not two."""
+    failed attempts), so that the three peers end the run with one body, not two.
+
+    The victim is listed in the run before a and b start, so that they wait for it at boundary 0 however
+    late their start-up (imports) under load; the victim waits for them at most half a boundary_deadline,
+    which here leaves a and b a minute to start (a wait ends as soon as they arrive)."""
     recipes = toy_recipes(tmp_path, 3)
     iterations = 2
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm={"target_group_size": 3, "min_group_size": 2})
+    swarm_fields = {"target_group_size": 3, "min_group_size": 2, "boundary_deadline": 120.0}
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm=swarm_fields)
     maddr = swarm.bootstrap(config)
-    procs = {name: swarm.peer(name, config, recipe, maddr) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
-    procs["victim"] = swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "0"))
+    procs = {"victim": swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "0"))}
+    swarm.wait_for_log("victim", r"starts at iteration 0\b", timeout=120, proc=procs["victim"])
+    procs.update({name: swarm.peer(name, config, recipe, maddr) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))})
     for name, proc in procs.items():
-        assert swarm.wait(proc, name, timeout=200) == 0, swarm.log(name)[-3000:]
+        assert swarm.wait(proc, name, timeout=150) == 0, swarm.log(name)[-3000:]
     for name in ("bootstrap", *procs):
         assert "Traceback" not in swarm.log(name), swarm.log(name)[-3000:]
 
