@@ -22,7 +22,7 @@ import torch
 
 from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, fusion_record, log
-from p2pcold.swarm import FusionOutcome, Phase
+from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
 
 
@@ -36,8 +36,9 @@ class DecentralizedPeer(SwarmPeer):
             self._adopt(self.iteration + 1)
         self.averager.set_shared_state(self.iteration, self.state.base)
 
-    def _adopt(self, at_least: int) -> bool:
-        """Download the swarm's newest base; adopt it when its iteration is `at_least` or more."""
+    def _adopt(self, at_least: int, attempts: int = 0, failure: str | None = None) -> bool:
+        """Download the swarm's newest base; adopt it when its iteration is `at_least` or more. `attempts`
+        and `failure`: this boundary's own fusion attempts before it, kept in the record."""
         self.tracker.update(phase=Phase.DOWNLOADING)
         downloaded = self.averager.download_state()
         if downloaded is None or downloaded[0] < at_least:
@@ -45,8 +46,8 @@ class DecentralizedPeer(SwarmPeer):
         log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
         self.state.iteration, self.state.base = downloaded
         self.last_group = set()
-        record = fusion_record(FusionOutcome.ADOPTED.value, [], 0, None)
-        self.tracker.update(iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=0, fusion_error=None)
+        record = fusion_record(FusionOutcome.ADOPTED.value, [], attempts, failure)
+        self.tracker.update(iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure)
         self.averager.set_shared_state(self.iteration, self.state.base)
         self.save_checkpoint(record)
         return True
@@ -80,8 +81,10 @@ class DecentralizedPeer(SwarmPeer):
                 self.tracker.wait_for_update(swarm.poll_interval)
                 continue
             if isinstance(decision, Adopt):
-                same = decision.iteration == self.iteration
-                if self._adopt(self.iteration if same else self.iteration + 1):
+                same, own = decision.iteration == self.iteration, self.tracker.progress
+                # the same iteration: it replaces our unfused θ_i, and its record keeps what our last boundary tried
+                tried = (own.fusion_attempts, own.fusion_error) if same else (0, None)
+                if self._adopt(self.iteration if same else self.iteration + 1, *tried):
                     if same:
                         log.warning("iteration %d: our last boundary did not fuse; %s", self.iteration, decision.reason)
                     return True
@@ -110,7 +113,7 @@ class DecentralizedPeer(SwarmPeer):
                 self.tracker.wait_for_update(swarm.poll_interval)
                 continue
             if isinstance(decision, Adopt):
-                if self._adopt(i + 1):
+                if self._adopt(i + 1, attempts, failure):
                     log.warning("iteration %d: the swarm had already left this boundary; took its newer base", i)
                     return
                 decision = Solo(f"{decision.reason}, but nothing newer could be downloaded")
@@ -126,7 +129,8 @@ class DecentralizedPeer(SwarmPeer):
                     self.last_group = set(fused.members) - {self.peer_id}
                     self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size)
                     return
-                failure = fused.reason
+                if fused.status is not FusionStatus.ABORTED:  # stopping the search is not a failure
+                    failure = fused.reason
                 log.warning("iteration %d: no fusion (%s)", i, fused.reason)
                 continue  # decide again: retry with the same bodies, adopt, or give up at the deadline
             outcome = FusionOutcome.FAILED if attempts else FusionOutcome.SOLO

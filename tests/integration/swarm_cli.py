@@ -53,21 +53,25 @@ def write_run_config(folder: Path, model: str, datasets: list[str], **fields) ->
     return path
 
 
+CLI = ("-m", "p2pcold.cli")
+
+
 class SwarmProcesses:
     def __init__(self, folder: Path):
         self.folder = folder
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, *args: str, stdout_file: Path | None = None, tag: str | None = None) -> subprocess.Popen:
+    def start(self, name: str, *args: str, stdout_file: Path | None = None, tag: str | None = None, program: tuple[str, ...] = CLI) -> subprocess.Popen:
         """Start `p2pcold ARGS` logging to NAME.log (stdout too, unless `stdout_file` is given); `tag`
-        marks it and all its descendants for `tagged_processes`."""
+        marks it and all its descendants for `tagged_processes`. `program`: what Python runs instead of
+        the CLI module, e.g. a test launcher that injects a fault and then runs the CLI."""
         log = self.folder / f"{name}.log"
         self.logs[name] = log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **tag_environment(tag)}
         with open(log, "w") as err, open(stdout_file or os.devnull, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pcold.cli", *args],
+                [sys.executable, *program, *args],
                 stdout=out if stdout_file else err,
                 stderr=subprocess.STDOUT if stdout_file is None else err,
                 env=env,
@@ -86,9 +90,10 @@ class SwarmProcesses:
             time.sleep(0.2)
         raise TimeoutError(f"bootstrap did not print its address within {timeout} s:\n{self.log('bootstrap')}")
 
-    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str, run_dir: Path | None = None) -> subprocess.Popen:
+    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str, run_dir: Path | None = None, program: tuple[str, ...] = CLI) -> subprocess.Popen:
         run_dir = run_dir or self.folder / name
-        return self.start(name, "peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(run_dir), *extra)
+        args = ("peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(run_dir), *extra)
+        return self.start(name, *args, program=program)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text() if name in self.logs else ""

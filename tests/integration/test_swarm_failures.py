@@ -1,5 +1,6 @@
 """Failures of a decentralized swarm, with real processes: a peer killed at the boundary and restarted
-(issue c), a late joiner (d) and a peer with another base model (e).
+(issue c), a late joiner (d), a peer with another base model (e), and a peer whose all-reduce failed on
+its side only while the others fused (issue 9: the swarm ends with one body, not two).
 
 Timing is made deterministic by speed, not by sleeps: "slow" peers finetune for a fixed number of
 seconds per iteration (`finetune.budget.seconds`), "fast" ones for 3 steps (well under a second), so a
@@ -13,6 +14,7 @@ import re
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import yaml
 
 from p2pcold.model import body_state, checkpoint_path, latest_checkpoint, load_body, read_metadata
 from p2pcold.testing import build_tiny_encoder
+from faulty_peer import INJECTED
 from swarm_cli import FAST_SWARM, SwarmProcesses, log_times, process_group, toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network]
@@ -111,6 +114,54 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
             assert re.search(rf"iteration ({'|'.join(map(str, rejoined))}): fused with a group of 3", swarm.log(name))
     else:  # restarted after the survivors' last boundary: it took their final body instead
         assert f"downloaded the swarm's base of iteration {iterations}" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------- a fusion failed on one side only
+
+FAULTY_PEER = (str(Path(__file__).with_name("faulty_peer.py")),)
+
+
+@pytest.mark.timeout(300)
+def test_peer_whose_fusion_failed_on_its_side_adopts_the_groups_body(swarm, tmp_path, tiny_model_dir):
+    """At boundary 0 the victim's fuse() fails without joining (the group split in matchmaking), so a and
+    b fuse as a group of 2 and nothing in their all-reduce tells them. The victim says that its fusion
+    failed, then adopts the group's body (logged, and recorded in that checkpoint's metadata with its
+    failed attempts), so that the three peers end the run with one body, not two.
+
+    The victim is listed in the run before a and b start, so that they wait for it at boundary 0 however
+    late their start-up (imports) under load; the victim waits for them at most half a boundary_deadline,
+    which here leaves a and b a minute to start (a wait ends as soon as they arrive)."""
+    recipes = toy_recipes(tmp_path, 3)
+    iterations = 2
+    swarm_fields = {"target_group_size": 3, "min_group_size": 2, "boundary_deadline": 120.0}
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm=swarm_fields)
+    maddr = swarm.bootstrap(config)
+    procs = {"victim": swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "0"))}
+    swarm.wait_for_log("victim", r"starts at iteration 0\b", timeout=120, proc=procs["victim"])
+    procs.update({name: swarm.peer(name, config, recipe, maddr) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))})
+    for name, proc in procs.items():
+        assert swarm.wait(proc, name, timeout=150) == 0, swarm.log(name)[-3000:]
+    for name in ("bootstrap", *procs):
+        assert "Traceback" not in swarm.log(name), swarm.log(name)[-3000:]
+
+    datasets = {name: read_metadata(latest_checkpoint(tmp_path / name)).extra["dataset"] for name in procs}
+    for name in ("a", "b"):  # fused without the victim: left alone, it would keep a second body
+        assert read_metadata(checkpoint_path(tmp_path / name, 1)).extra["fusion"]["members"] == sorted([datasets["a"], datasets["b"]])
+
+    log = swarm.log("victim")
+    assert re.search(rf"iteration 0: no fusion \({re.escape(INJECTED)}\)", log), log[-3000:]
+    # the group's base, taken at boundary 0 (the others were already past it) or before finetuning
+    # iteration 1 (its boundary ended first, recorded as failed)
+    assert re.search(r"iteration 0: the swarm had already left this boundary; took its newer base|iteration 1: our last boundary did not fuse", log), log[-3000:]
+    adopted_at = int(re.search(r"downloaded the swarm's base of iteration (\d+) \(we were at [01]\)", log).group(1))
+    record = read_metadata(checkpoint_path(tmp_path / "victim", adopted_at)).extra["fusion"]
+    assert record["status"] == "adopted" and record["attempts"] >= 1 and record["failure"] == INJECTED, record
+    assert max_diff(body_at(checkpoint_path(tmp_path / "victim", adopted_at)), body_at(checkpoint_path(tmp_path / "a", adopted_at))) <= 1e-5
+
+    bodies = {name: final_body(tmp_path / name) for name in procs}
+    for name in procs:
+        assert read_metadata(latest_checkpoint(tmp_path / name)).iteration == iterations, name
+        assert max_diff(bodies["a"], bodies[name]) <= 1e-5, name
 
 
 # --------------------------------------------------------------------------- d) and e): one running swarm
