@@ -460,7 +460,8 @@ class SwarmConfig(_Section):
     # --- timeouts (seconds)
     dht_startup_timeout: Seconds = 60.0  # p2pd daemon start (hivemind's default 15 s is too short on a loaded box)
     bootstrap_timeout: Seconds = 20.0  # reaching the initial peers, on top of dht_startup_timeout
-    join_timeout: Seconds = 15.0  # fetching/publishing the run identity in the DHT (whole join_run call)
+    # the whole join_run: two identity reads and two stores, each up to dht_request_timeout on a loaded box
+    join_timeout: Seconds = 30.0
     identity_settle_time: NonNegativeFloat = 1.0  # first peer re-reads its identity after this long to catch a rival founder
     identity_ttl: Seconds = 7 * 24 * 3600.0  # DHT expiration of the identity record; each join_run refreshes it
     matchmaking_time: Seconds = 5.0  # a leader waits this long for followers before assembling (min_matchmaking_time)
