@@ -26,7 +26,7 @@ from p2pcold.config import RunConfig, load_dataset_spec
 from p2pcold.evaluate import Evaluator, evaluate_and_record
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import average, sample_contributors
-from p2pcold.results import EvalResult, read_results, summary_table
+from p2pcold.results import EvalResult, fusion_record, read_results, summary_table
 from p2pcold.run_folder import check_run_folder, write_run_config
 from p2pcold.run_state import RunState
 from p2pcold.utils import atomic_write_json, get_logger, read_json
@@ -51,7 +51,7 @@ class LocalRun:
         config = self.config
         if config.finetune.num_threads:
             torch.set_num_threads(config.finetune.num_threads)
-        self._check_output_dir()
+        check_run_folder(self.output_dir, config)
         self.state = RunState(config, self.output_dir)
         self.tokenizer = self.state.tokenizer
         specs = [load_dataset_spec(name) for name in config.datasets]
@@ -66,9 +66,6 @@ class LocalRun:
             self._resume()
         elif self.evaluator and config.eval.every:
             self._evaluate("pretrained")
-
-    def _check_output_dir(self) -> None:
-        check_run_folder(self.output_dir, self.config)
 
     @property
     def iteration(self) -> int:
@@ -114,7 +111,7 @@ class LocalRun:
         self.history.append(
             {
                 "iteration": i,
-                "fusion": {"members": sorted(names), "attempts": 1, "status": "ok", "failure": None},
+                "fusion": fusion_record("ok", names, 1, None),
                 "contributors": {
                     c.dataset: {**dataclasses.asdict(c.result), "examples_per_second": c.result.examples_per_second}
                     for c in contributions

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.fusion import sample_contributors
+from p2pcold.results import fusion_record
 from p2pcold.run_state import RunState
 from p2pcold.swarm import BodyAverager, FusionResult, RunIdentity, SwarmTracker, join_run
 from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
@@ -95,7 +96,7 @@ class Repository:
         if ready != contributors:
             log.warning("iteration %d: %s missed the deadline", i, ", ".join(sorted(set(contributors) - set(ready))))
         self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready})
-        fusion = self._fuse(i, contributors, ready) if ready else {"status": "skipped", "members": [], "attempts": 0, "failure": "no contributor was ready"}
+        fusion = self._fuse(i, contributors, ready) if ready else fusion_record("skipped", [], 0, "no contributor was ready")
         self.state.iteration = i + 1
         self.state.save_checkpoint(extra={"contributors": contributors, "fused": ready, "fusion": fusion})
         self.averager.set_shared_state(self.iteration, self.state.base)
@@ -119,11 +120,11 @@ class Repository:
             self.state.base = fused.averaged
             # the contributors stop retrying once they read this
             self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "fused": got})
-            return {"status": "ok", "members": got, "attempts": attempts, "failure": None}
+            return fusion_record("ok", got, attempts, None)
         reason = _failure(fused)
         if self.swarm.on_fusion_failure == "skip":
             log.warning("iteration %d: fusion failed after %d attempt(s) (%s); skipped: θ_%d = θ_%d", i, attempts, reason, i + 1, i)
-            return {"status": "failed", "members": [], "attempts": attempts, "failure": reason}
+            return fusion_record("failed", [], attempts, reason)
         message = f"iteration {i}: fusion failed after {attempts} attempt(s) within {self.swarm.boundary_deadline:.0f} s ({reason}); set swarm.on_fusion_failure: skip to go on without it"
         self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "failure": message})
         raise P2PColdError(message)

@@ -150,3 +150,8 @@ def plot_gain_per_dataset(results: Sequence[EvalResult], path: str | Path) -> Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def fusion_record(status: str, members: list[str], attempts: int, failure: str | None) -> dict:
+    """What a boundary produced, as checkpoints, results.json and progress records carry it."""
+    return {"status": status, "members": sorted(members), "attempts": attempts, "failure": failure}

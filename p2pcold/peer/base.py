@@ -137,8 +137,3 @@ class SwarmPeer:
             self.averager.shutdown(stop_dht=False)
         if self.dht is not None:
             stop_dht(self.dht, grace_s=timeout)
-
-
-def fusion_record(status: str, members: list[str], attempts: int, failure: str | None) -> dict:
-    """What a boundary produced, as checkpoints, results.json and progress records carry it."""
-    return {"status": status, "members": sorted(members), "attempts": attempts, "failure": failure}

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from p2pcold.peer.base import SwarmPeer, fusion_record, log
+from p2pcold.peer.base import SwarmPeer, log
+from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import repository_word
 from p2pcold.utils import P2PColdError

@@ -21,7 +21,8 @@ import time
 import torch
 
 from p2pcold.finetune import Contribution
-from p2pcold.peer.base import SwarmPeer, fusion_record, log
+from p2pcold.peer.base import SwarmPeer, log
+from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
 
