@@ -9,6 +9,7 @@ checkpoints it and serves it to every peer for the next iteration.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.fusion import sample_contributors
 from p2pcold.results import fusion_record
 from p2pcold.run_state import RunState
-from p2pcold.swarm import BodyAverager, FusionResult, RunIdentity, SwarmTracker, join_run
+from p2pcold.swarm import BodyAverager, FusionResult, FusionStatus, RunIdentity, SwarmTracker, join_run
 from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
 from p2pcold.utils import P2PColdError, get_logger
 
@@ -106,17 +107,17 @@ class Repository:
         retried with the same base until it succeeds or `boundary_deadline` passes. A fusion that still
         fails is an error unless `swarm.on_fusion_failure` is `skip` (then θ_{i+1} = θ_i)."""
         end = time.monotonic() + self.swarm.boundary_deadline
-        attempts, fused = 0, None
+        attempts, fused, got = 0, None, []
         while end - time.monotonic() > self.swarm.matchmaking_time + 1:
             fused = self.averager.fuse(self.state.base, i, 0.0, end - time.monotonic(), {"dataset": "(repository)"}, share_result=False)
             attempts += fused.attempts
-            if fused.ok:
+            got = contributing_datasets(fused)
+            if fused.ok and got == ready:
                 break
+            if fused.ok:  # a group formed while a contributor was still busy (e.g. a failed member's timeout)
+                fused = dataclasses.replace(fused, status=FusionStatus.FAILED, averaged=None, reason=f"fused {got}, not the expected {ready}")
             log.warning("iteration %d: fusion attempt failed (%s); retrying until the deadline", i, fused.reason)
-        got = sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0) if fused else []
         if fused is not None and fused.ok:
-            if got != ready:
-                log.warning("iteration %d: fused %s, not the expected %s", i, got, ready)
             self.state.base = fused.averaged
             # the contributors stop retrying once they read this
             self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "fused": got})
@@ -134,6 +135,11 @@ class Repository:
             self.tracker.close(self.swarm.shutdown_timeout)
         if self.averager is not None:
             self.averager.shutdown(stop_dht=False)
+
+
+def contributing_datasets(fused: FusionResult) -> list[str]:
+    """The datasets whose bodies a fusion averaged (the Repository itself joins with weight 0)."""
+    return sorted(m.metadata.get("dataset", "?") for m in fused.members.values() if m.weight > 0)
 
 
 def _failure(fused: FusionResult | None) -> str:

@@ -1,6 +1,7 @@
-"""Failures of a decentralized swarm, with real processes: a peer killed at the boundary and restarted
-(issue c), a late joiner (d), a peer with another base model (e), and a peer whose all-reduce failed on
-its side only while the others fused (issue 9: the swarm ends with one body, not two).
+"""Failures of a swarm, with real processes: a peer killed at the boundary and restarted (issue c), a late
+joiner (d), a peer with another base model (e), a peer whose all-reduce failed on its side only while the
+others fused (issue 9: the swarm ends with one body, not two), and a reducer that stalls mid-reduce in a
+Repository's run (issue 9: the Repository fuses on retry, or stops the run with an error).
 
 Timing is made deterministic by speed, not by sleeps: "slow" peers finetune for a fixed number of
 seconds per iteration (`finetune.budget.seconds`), "fast" ones for 3 steps (well under a second), so a
@@ -17,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from p2pcold.model import body_state, checkpoint_path, latest_checkpoint, load_body, read_metadata
+from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
 from p2pcold.testing import build_tiny_encoder
-from faulty_peer import INJECTED
+from bodies import body_at, final_body, max_diff, reference_body
+from faulty_peer import INJECTED, STALLED
 from swarm_cli import FAST_SWARM, SwarmProcesses, log_times, process_group, toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network]
@@ -32,21 +33,6 @@ DEADLINE = FAST_SWARM["boundary_deadline"]
 
 def slow(seconds: float) -> tuple[str, ...]:
     return ("--set", "finetune.budget.steps=null", "--set", f"finetune.budget.seconds={seconds}")
-
-
-def body_at(checkpoint) -> dict[str, torch.Tensor]:
-    return body_state(load_body(str(checkpoint)))
-
-
-def final_body(run_dir) -> dict[str, torch.Tensor]:
-    checkpoint = latest_checkpoint(run_dir)
-    assert checkpoint is not None, f"no checkpoint in {run_dir}"
-    return body_at(checkpoint)
-
-
-def max_diff(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
 # --------------------------------------------------------------------------- c) kill and restart
@@ -136,7 +122,7 @@ def test_peer_whose_fusion_failed_on_its_side_adopts_the_groups_body(swarm, tmp_
     swarm_fields = {"target_group_size": 3, "min_group_size": 2, "boundary_deadline": 120.0}
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm=swarm_fields)
     maddr = swarm.bootstrap(config)
-    procs = {"victim": swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "0"))}
+    procs = {"victim": swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "split", "0"))}
     swarm.wait_for_log("victim", r"starts at iteration 0\b", timeout=120, proc=procs["victim"])
     procs.update({name: swarm.peer(name, config, recipe, maddr) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))})
     for name, proc in procs.items():
@@ -162,6 +148,49 @@ def test_peer_whose_fusion_failed_on_its_side_adopts_the_groups_body(swarm, tmp_
     for name in procs:
         assert read_metadata(latest_checkpoint(tmp_path / name)).iteration == iterations, name
         assert max_diff(bodies["a"], bodies[name]) <= 1e-5, name
+
+
+@pytest.mark.timeout(420)
+def test_repository_fuses_on_retry_after_a_reducer_stalls_and_stops_the_run_when_it_never_recovers(swarm, tmp_path, tiny_model_dir):
+    """A real `bootstrap --repository` run with two contributors, one of which ("victim") carries a
+    reducer that stalls past the senders' reducer_timeout (the members give up on it mid-reduce).
+
+    Stalled in the first group only: every member sees the all-reduce fail, the group retries with the
+    same bodies, and the Repository records a fusion of both contributors after 2+ attempts; the run ends
+    equal to the reference run. Stalled in every group: the Repository stops the run at the deadline with
+    one line and a non-zero exit, and tells the peers, who stop too; nothing exits 0 with a wrong body."""
+    recipes = toy_recipes(tmp_path, 2)
+    runs = {"recovers": (1, 2, 60.0), "never": (10**6, 1, 15.0)}  # stalled groups, iterations, boundary_deadline
+    for run, (stalled_groups, iterations, deadline) in runs.items():
+        folder = tmp_path / run
+        folder.mkdir()
+        swarm.folder = folder
+        swarm_fields = {"boundary_deadline": deadline, "contributor_deadline": 120.0}
+        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=iterations, swarm=swarm_fields)
+        maddr = swarm.bootstrap(config, "--repository", "--run-dir", str(folder / "repository"))
+        repository = swarm.procs[-1]
+        stall = (*FAULTY_PEER, "stall-reducer", str(stalled_groups))
+        peers = {"victim": swarm.peer("victim", config, recipes[0], maddr, "--centralized", program=stall),
+                 "honest": swarm.peer("honest", config, recipes[1], maddr, "--centralized")}
+        if run == "recovers":
+            for name, proc in {"repository": repository, **peers}.items():
+                assert swarm.wait(proc, name, timeout=240) == 0, swarm.log("bootstrap" if proc is repository else name)[-3000:]
+            assert f"{STALLED} 1 of 1" in swarm.log("victim")
+            fusion = read_metadata(checkpoint_path(folder / "repository", 1)).extra["fusion"]
+            assert fusion["status"] == "ok" and fusion["attempts"] >= 2 and len(fusion["members"]) == 2, fusion
+            reference = reference_body(config)
+            for name in ("repository", *peers):
+                assert max_diff(final_body(folder / name), reference) <= 1e-5, name
+        else:
+            assert swarm.wait(repository, "bootstrap", timeout=240) == 2, swarm.log("bootstrap")[-3000:]
+            stopped = [line for line in swarm.log("bootstrap").splitlines() if "error:" in line]
+            assert len(stopped) == 1 and re.search(r"iteration 0: fusion failed after \d+ attempt\(s\) within 15 s", stopped[0]), stopped
+            for name, proc in peers.items():
+                assert swarm.wait(proc, name, timeout=60) != 0, swarm.log(name)[-3000:]
+                assert "the Repository stopped the run at iteration 0" in swarm.log(name), swarm.log(name)[-3000:]
+            assert latest_checkpoint(folder / "repository") is None or read_metadata(latest_checkpoint(folder / "repository")).iteration == 0
+        for name in ("bootstrap", *peers):
+            assert "Traceback" not in swarm.log(name), swarm.log(name)[-3000:]
 
 
 # --------------------------------------------------------------------------- d) and e): one running swarm

@@ -1,30 +1,15 @@
 """The swarm reproduces the reference run: decentralized (issue a) and with a Repository (issue b)."""
 
 import pytest
-import torch
 
-from p2pcold.config import load_run_config
-from p2pcold.local_run import LocalRun
-from p2pcold.model import body_state, latest_checkpoint, load_body
+from bodies import final_body, max_diff, reference_body
 from swarm_cli import toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
 
-def final_body(run_dir) -> dict[str, torch.Tensor]:
-    checkpoint = latest_checkpoint(run_dir)
-    assert checkpoint is not None, f"no checkpoint in {run_dir}"
-    return body_state(load_body(str(checkpoint)))
-
-
-def reference_body(config_path) -> dict[str, torch.Tensor]:
-    run = LocalRun(load_run_config(config_path), device="cpu", show_progress=False)
-    run.setup()
-    return run.train()
-
-
 def assert_close(a, b, atol=1e-5):
-    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    worst = max_diff(a, b)
     assert worst <= atol, f"bodies differ by up to {worst}"
 
 
