@@ -17,7 +17,9 @@ from swarm_cli import FAST_SWARM, kill_tagged, tag_environment, tagged_processes
 pytestmark = [pytest.mark.network, pytest.mark.timeout(400)]
 
 
-def write_simulation_config(tmp_path: Path, model: Path, iterations: int, steps: int) -> Path:
+def write_simulation_config(tmp_path: Path, model: Path, iterations: int, steps: int | None = None, seconds: float | None = None) -> Path:
+    """`seconds`: each peer finetunes that long per iteration, so that a test which interrupts the run has a
+    window of (iterations - 1) * seconds to do it, however slowly the busy machine schedules the test."""
     recipes = toy_recipes(tmp_path, 4)
     config = {
         "model": str(model),
@@ -25,7 +27,7 @@ def write_simulation_config(tmp_path: Path, model: Path, iterations: int, steps:
         "iterations": iterations,
         "seed": 1,
         "run_id": "sim",
-        "finetune": {"batch_size": 8, "max_length": 16, "budget": {"steps": steps}, "learning_rate": 1e-3},
+        "finetune": {"batch_size": 8, "max_length": 16, "budget": {"steps": steps, "seconds": seconds}, "learning_rate": 1e-3},
         "eval": {
             "datasets": [recipes[0], recipes[3]],
             "unseen": [recipes[3]],
@@ -80,7 +82,7 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
 
 
 def test_ctrl_c_stops_every_process_and_resume_finishes(tmp_path, tiny_model_dir, simulator):
-    config = write_simulation_config(tmp_path, tiny_model_dir, iterations=4, steps=20)
+    config = write_simulation_config(tmp_path, tiny_model_dir, iterations=4, seconds=3.0)
     run = tmp_path / "run"
     log = tmp_path / "first.log"
     proc = simulator(str(config), log=log)
@@ -107,7 +109,7 @@ def test_ctrl_c_stops_every_process_and_resume_finishes(tmp_path, tiny_model_dir
 def test_sigterm_stops_every_process_with_one_line(tmp_path, tiny_model_dir, simulator):
     """SIGTERM (what `kill`, systemd and job schedulers send) reaches only the simulator: the processes it
     started run in sessions of their own. It stops them all, bootstrap included, and exits with 143."""
-    config = write_simulation_config(tmp_path, tiny_model_dir, iterations=4, steps=20)
+    config = write_simulation_config(tmp_path, tiny_model_dir, iterations=4, seconds=3.0)
     run = tmp_path / "run"
     log = tmp_path / "simulate.log"
     proc = simulator(str(config), log=log)
