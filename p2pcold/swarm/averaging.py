@@ -37,19 +37,22 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _procs
 from p2pcold.swarm import dht as swarm_dht
+from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
 from p2pcold.swarm.identity import body_schema_hash
 from p2pcold.utils import P2PColdError, get_logger
 
@@ -159,9 +162,10 @@ class _SwarmAverager(DecentralizedAverager):
     member is seen by all of them, and they retry together.
     """
 
-    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, **kwargs):
+    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, member_gate: MemberGate | None, **kwargs):
         self._state_provider = state_provider
         self._swarm_config = swarm_config
+        self._member_gate = member_gate
         self._p2pcold_parent = os.getpid()
         super().__init__(*args, **kwargs)
 
@@ -169,6 +173,33 @@ class _SwarmAverager(DecentralizedAverager):
         _procs.reset_signal_handlers()
         _procs.exit_when_orphaned(self._p2pcold_parent)
         super().run()
+
+    # The averaging RPCs of a private swarm serve members only (see p2pcold.swarm.auth): a caller whose
+    # proven peer id has no valid member tag gets an empty stream, and nothing of this peer is touched.
+
+    async def _admits(self, context: P2PContext, what: str) -> bool:
+        return self._member_gate is None or await self._member_gate.admits(self.dht, context.remote_id, what)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if await self._admits(context, "a request to join a group"):
+            async for response in super().rpc_join_group(request, context):
+                yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if await self._admits(context, "a part to aggregate"):
+            async for response in super().rpc_aggregate_part(stream, context):
+                yield response
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if await self._admits(context, "a state download"):
+            async for response in super().rpc_download_state(request, context):
+                yield response
 
     def get_current_state(self):  # runs in the host process, in hivemind's background thread
         metadata, tensors = self._state_provider()
@@ -287,6 +318,7 @@ class BodyAverager:
         *,
         reference: Mapping[str, torch.Tensor] | None = None,
         client_mode: bool | None = None,
+        secret: RunSecret | None = None,
     ):
         validate_swarm_config(config)
         if not template:
@@ -317,12 +349,17 @@ class BodyAverager:
         if client_mode is None:
             client_mode = swarm_dht.is_client_mode(dht, config.local_rpc_timeout)
         self.client_mode = client_mode
+        self.peer_id = str(dht.peer_id)
+        # a private swarm: this peer's tag proves its membership to the others' averagers, and its own
+        # averager checks theirs (the tag is stored before the first RPC this peer makes)
+        self._member_tag = None if secret is None else MemberTag(secret, self.prefix, self.peer_id)
         self._averager = _SwarmAverager(
             self._tensors,
             dht,
             start=False,
             state_provider=self._current_state,
             swarm_config=config,
+            member_gate=None if secret is None else MemberGate(secret, self.prefix, config.dht_request_timeout),
             prefix=self.prefix,
             target_group_size=config.target_group_size,
             min_group_size=config.min_group_size,
@@ -341,7 +378,7 @@ class BodyAverager:
             shutdown_timeout=config.shutdown_timeout,
         )
         self._start_averager()
-        self.peer_id = str(dht.peer_id)
+        self._publish_member_tag()
 
     def _start_averager(self) -> None:
         # hivemind's run_in_background() sets SIGINT to SIG_IGN in the *calling* process for good (so that
@@ -361,6 +398,10 @@ class BodyAverager:
             if not isinstance(e, Exception):
                 raise  # KeyboardInterrupt, the CLI's SIGTERM: not a start-up failure
             raise P2PColdError(f"swarm: the averager process did not start: {str(e) or type(e).__name__}") from None
+
+    def _publish_member_tag(self) -> None:
+        if self._member_tag is not None:
+            self._member_tag.publish_if_due(self._dht, self.config.dht_request_timeout)
 
     # ------------------------------------------------------------------ fusion
 
@@ -411,6 +452,7 @@ class BodyAverager:
 
         started = time.monotonic()
         end = started + deadline_s
+        self._publish_member_tag()
         attempts, status, reason = 0, FusionStatus.NO_GROUP, "no other peer at this iteration before the deadline"
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:
