@@ -218,6 +218,7 @@ class MemberGate:
         return False
 
     async def _read_tags(self, dht: hivemind.DHT) -> None:
+        started = time.monotonic()
         try:
             found = await asyncio.wait_for(
                 dht.get(members_key(self._prefix), latest=True, return_future=True), self._lookup_timeout
@@ -231,3 +232,4 @@ class MemberGate:
             peer = subkey if isinstance(subkey, str) else None
             if peer is not None and self.is_valid_tag(peer, getattr(item, "value", None)):
                 self._members.add(peer)
+        logger.debug("read %d member tags in %.3f s; %d valid", len(found.value), time.monotonic() - started, len(self._members))
