@@ -10,72 +10,56 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from p2pcold.config import SwarmConfig
-from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, publish_progress, read_progress, start_dht, stop_dht, visible_maddrs
+from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, publish_progress, read_progress, start_dht, visible_maddrs
 from p2pcold.swarm.auth import RunSecret, load_secret, member_tag, members_key
 from p2pcold.swarm.averaging import averaging_prefix
 from p2pcold.utils import P2PColdError
 
 from rogue_auth import call_averaging_rpcs, start_rogue_dht
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "swarm"))
+from helpers import SHAPES, Swarm, fast_config, make_body  # noqa: E402
+
 pytestmark = [pytest.mark.network]
 
 RUN = "private-run"
-SHAPES = {"encoder.weight": (6, 4), "encoder.bias": (4,)}
-FAST = dict(
-    matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=2.0, allreduce_timeout=15.0, boundary_deadline=20.0,
-    join_timeout=10.0, identity_settle_time=0.5, state_download_timeout=10.0, dht_request_timeout=5.0,
-    local_rpc_timeout=10.0, shutdown_timeout=3.0, bootstrap_timeout=5.0, target_group_size=2,
-)  # fmt: skip
 SECRET = RunSecret(b"correct horse battery staple 42")
 WRONG = RunSecret(b"an outsider's guess at the secret")
 
 
-def body(seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-
-
 class Members:
-    """Private members A and B (a state donor at iteration 3), an open member C; all stopped at teardown."""
+    """Private members A and B (a state donor at iteration 3), and an open member C, on `peers`."""
 
-    def __init__(self, config: SwarmConfig):
-        self.config, self.dhts, self.averagers = config, [], []
-        self.a = self._member(config, [], SECRET)
+    def __init__(self, peers: Swarm):
+        self.peers, self.config = peers, fast_config(bootstrap_timeout=5.0, target_group_size=2)
+        self.a = self._member([], SECRET)
         self.maddr = visible_maddrs(self.a._dht)[0]
-        self.b = self._member(config, [self.maddr], SECRET)
-        self.c = self._member(config, [], None)
-        self.a.set_shared_state(3, body(3))
-        self.c.set_shared_state(3, body(3))
+        self.b = self._member([self.maddr], SECRET)
+        self.c = self._member([], None)
+        self.a.set_shared_state(3, make_body(3))
+        self.c.set_shared_state(3, make_body(3))
+        self.averagers = [self.a, self.b, self.c]
 
-    def _member(self, config, initial, secret) -> BodyAverager:
-        dht = start_dht(config, initial, secret=secret)
-        self.dhts.append(dht)
-        averager = BodyAverager(dht, RUN, body(0), config, secret=secret)
-        self.averagers.append(averager)
-        return averager
-
-    def close(self) -> None:
-        for averager in self.averagers:
-            averager.shutdown(stop_dht=False)
-        for dht in self.dhts:
-            stop_dht(dht, grace_s=3.0)
+    def _member(self, initial, secret) -> BodyAverager:
+        dht = start_dht(self.config, initial, secret=secret)
+        self.peers.dhts.append(dht)
+        return self.peers.averager(dht, RUN, make_body(0), self.config, secret=secret)
 
 
 @pytest.fixture(scope="module")
 def members():
-    swarm = None
+    peers = Swarm()
     try:
-        swarm = Members(SwarmConfig(**FAST))
-        yield swarm
+        yield Members(peers)
     finally:
-        if swarm is not None:
-            swarm.close()
+        peers.close()
         multiprocessing.active_children()
 
 
@@ -179,7 +163,7 @@ def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(mem
 def test_members_of_a_private_swarm_fuse_and_share_state_after_the_attacks(members):
     from concurrent.futures import ThreadPoolExecutor
 
-    bodies = [body(1), body(2)]
+    bodies = [make_body(1), make_body(2)]
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(averager.fuse, b, 5, 1.0, 15.0) for averager, b in zip((members.a, members.b), bodies)]
         results = [future.result(timeout=90) for future in futures]

@@ -82,6 +82,7 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
     assert "pretrained  0" in output and "fused       2" in output  # the closing table
     assert tagged_processes(simulator.tag) == []
     assert "a private swarm" in output and "open swarm" not in output
+    assert "toy_movies:" in output  # the simulator's own node joined the private DHT and read the peers' progress
     assert any(r["fusion"]["status"] == "ok" for r in results if r["iteration"] > 0), results  # members admit each other
     for path in [log, *(p for p in run.rglob("*") if p.is_file())]:
         assert secret.encode() not in path.read_bytes(), path
