@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import os
 import stat
 import time
@@ -40,6 +41,9 @@ TOKEN_LIFETIME_S = 3600.0  # a DHT access token's validity; a node renews its ow
 TOKEN_RENEW_BEFORE_S = 600.0
 MEMBER_TAG_TTL_S = 24 * 3600.0  # a member tag's DHT lifetime; `MemberTag.publish_if_due` renews it at half
 _REFUSALS_LOGGED = 100  # distinct refused callers named in the log, per process
+# Unknown callers trigger a re-read of the tags at most this often: a rogue's calls cannot keep the
+# averager busy with DHT reads (every member that published before the last read is already cached).
+TAG_REREAD_INTERVAL_S = 1.0
 
 
 class RunSecret:
@@ -190,13 +194,15 @@ class MemberGate:
     """Admits an averaging RPC's caller when a valid member tag is published under its proven peer id.
 
     Lives in the averager process. A DHT read (bounded by `lookup_timeout`) happens only for a caller
-    not seen before; it caches every valid tag it finds, so the members of a group cost one read."""
+    not seen before (at most one every TAG_REREAD_INTERVAL_S); it caches every valid tag it finds, so
+    the members of a group cost one read."""
 
     def __init__(self, secret: RunSecret, prefix: str, lookup_timeout: float):
         self._secret, self._prefix, self._lookup_timeout = secret, prefix, lookup_timeout
         self._members: set[str] = set()
         self._refused: set[str] = set()
         self._lookup_lock: asyncio.Lock | None = None  # made in the averager's event loop
+        self._last_read = -math.inf
 
     def is_valid_tag(self, peer_id: str, tag) -> bool:
         return isinstance(tag, bytes) and hmac.compare_digest(tag, member_tag(self._secret, self._prefix, peer_id))
@@ -208,7 +214,8 @@ class MemberGate:
         if self._lookup_lock is None:
             self._lookup_lock = asyncio.Lock()
         async with self._lookup_lock:  # concurrent callers share one read
-            if peer not in self._members:
+            if peer not in self._members and time.monotonic() - self._last_read >= TAG_REREAD_INTERVAL_S:
+                self._last_read = time.monotonic()
                 await self._read_tags(dht)
         if peer in self._members:
             return True

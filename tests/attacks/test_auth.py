@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, publish_progress, read_progress, start_dht, visible_maddrs
-from p2pcold.swarm.auth import RunSecret, load_secret, member_tag, members_key
+from p2pcold.swarm.auth import TAG_REREAD_INTERVAL_S, RunSecret, load_secret, member_tag, members_key
 from p2pcold.swarm.averaging import averaging_prefix
 from p2pcold.utils import P2PColdError
 
@@ -147,6 +147,7 @@ def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(mem
         prefix = averaging_prefix(RUN)
         stored = members.b._dht.store(members_key(prefix), member_tag(SECRET, prefix, members.b.peer_id), time.time() + 60, subkey=rogue_id)
         assert stored
+        time.sleep(TAG_REREAD_INTERVAL_S)  # A reads the tags again for the next unknown caller
 
     copied = rogue_rpcs(members, members.maddr, before_calls=copy_a_members_tag)
     assert copied == {"rpc_join_group": [], "rpc_aggregate_part": [], "rpc_download_state": []}
@@ -154,6 +155,7 @@ def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(mem
     def leak_the_secret(rogue_id: str) -> None:  # a tag made for the rogue's own id: the refusals above are the tag's doing
         prefix = averaging_prefix(RUN)
         assert members.b._dht.store(members_key(prefix), member_tag(SECRET, prefix, rogue_id), time.time() + 60, subkey=rogue_id)
+        time.sleep(TAG_REREAD_INTERVAL_S)
 
     leaked = rogue_rpcs(members, members.maddr, before_calls=leak_the_secret)
     assert len(leaked["rpc_download_state"]) >= 2, leaked  # what "a member leaking the secret" costs (docs/security.md)
