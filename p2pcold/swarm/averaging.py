@@ -23,6 +23,8 @@ needs on top of it:
   same bodies (`fuse` re-copies the untouched body) until the deadline.
 * **State sharing for late joiners** (`set_shared_state` / `download_state`), with the iteration as
   hivemind's `state_sharing_priority`, so the newest donor is asked first.
+* **Members only, in a private swarm** (`secret`): the averager publishes this peer's member tag and
+  serves its averaging RPCs only to callers with a valid one (`p2pcold.swarm.auth`).
 """
 
 from __future__ import annotations
@@ -304,6 +306,9 @@ class BodyAverager:
     averages `body - reference` and adds it back. That is the same weighted mean, but lossy
     compression errors become proportional to how far finetuning moved the weights instead of to the
     weights themselves (8-bit quantization of raw weights is not usable; see docs).
+
+    `secret`: the run secret of a private swarm (the same one `start_dht` got): this peer's member tag
+    is published, and only members may join its groups, send it parts or download its state.
 
     The averager's background process is started in the constructor (bounded by
     `config.local_rpc_timeout`). Call `shutdown()` when done (also a context manager).
