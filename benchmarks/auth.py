@@ -30,9 +30,9 @@ TIMEOUTS = dict(matchmaking_time=3.0, request_timeout=2.0, next_chunk_timeout=10
 
 
 class TinySwarm:
-    def __init__(self, name: str, peers: int, secret: RunSecret | None):
+    def __init__(self, name: str, peers: int, secret: RunSecret | None, poll_interval: float):
         self.name, self.dhts, self.averagers = name, [], []
-        config = SwarmConfig(**TIMEOUTS, target_group_size=peers, min_group_size=peers)
+        config = SwarmConfig(**TIMEOUTS, target_group_size=peers, min_group_size=peers, poll_interval=poll_interval)
         started = time.perf_counter()
         try:
             for _ in range(peers):
@@ -75,10 +75,11 @@ class TinySwarm:
             stop_dht(dht, grace_s=3.0)
 
 
-def measure(peers: int, rounds: int) -> dict:
+def measure(peers: int, rounds: int, poll_interval: float) -> dict:
     swarms = []
     try:
-        swarms = [TinySwarm("open", peers, None), TinySwarm("private", peers, RunSecret(new_secret_text().encode()))]
+        secret = RunSecret(new_secret_text().encode())
+        swarms = [TinySwarm("open", peers, None, poll_interval), TinySwarm("private", peers, secret, poll_interval)]
         times: dict[str, list[float]] = {s.name: [] for s in swarms}
         for r in range(rounds):
             for swarm in swarms[r % 2 :] + swarms[: r % 2]:
@@ -94,6 +95,7 @@ def measure(peers: int, rounds: int) -> dict:
     return {
         "peers": peers,
         "rounds": rounds,
+        "poll_interval": poll_interval,
         "values_per_body": sum(a * b for a, b in SHAPES.values()),
         "startup_s": startup,
         "dht_get_median_s": dht_get,
@@ -109,9 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, nargs="+", default=[3])
     parser.add_argument("--rounds", type=int, default=12)
+    # a member reads the group's verdicts this often: each DHT request costs a little more in a private
+    # swarm (two RSA signatures), enough for a verdict to miss a read and wait for the next one
+    parser.add_argument("--poll-interval", type=float, default=SwarmConfig().poll_interval)
     args = parser.parse_args()
     for peers in args.peers:
-        print(json.dumps(measure(peers, args.rounds), indent=1), flush=True)
+        print(json.dumps(measure(peers, args.rounds, args.poll_interval), indent=1), flush=True)
 
 
 if __name__ == "__main__":

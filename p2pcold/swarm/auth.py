@@ -211,18 +211,23 @@ class MemberGate:
         peer = str(caller)
         if peer in self._members:
             return True
-        if self._lookup_lock is None:
-            self._lookup_lock = asyncio.Lock()
-        async with self._lookup_lock:  # concurrent callers share one read
-            if peer not in self._members and time.monotonic() - self._last_read >= TAG_REREAD_INTERVAL_S:
-                self._last_read = time.monotonic()
-                await self._read_tags(dht)
+        await self.read_tags(dht, unless_known=peer)
         if peer in self._members:
             return True
         if peer not in self._refused and len(self._refused) < _REFUSALS_LOGGED:
             self._refused.add(peer)
             logger.warning("refused %s from %s: no valid member tag (not a member of this private swarm)", what, peer)
         return False
+
+    async def read_tags(self, dht: hivemind.DHT, unless_known: str | None = None) -> None:
+        """Read and cache the published member tags, unless `unless_known` is a member already or the
+        last read was less than TAG_REREAD_INTERVAL_S ago; concurrent callers share one read."""
+        if self._lookup_lock is None:
+            self._lookup_lock = asyncio.Lock()
+        async with self._lookup_lock:
+            if unless_known not in self._members and time.monotonic() - self._last_read >= TAG_REREAD_INTERVAL_S:
+                self._last_read = time.monotonic()
+                await self._read_tags(dht)
 
     async def _read_tags(self, dht: hivemind.DHT) -> None:
         started = time.monotonic()

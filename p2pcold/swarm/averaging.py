@@ -203,6 +203,15 @@ class _SwarmAverager(DecentralizedAverager):
             async for response in super().rpc_download_state(request, context):
                 yield response
 
+    def read_member_tags(self) -> None:
+        """Have the averager process read the member tags now, without waiting: called as a boundary
+        begins, so that the group's members are admitted from the cache, not after a DHT read each."""
+        self._outer_pipe.send(("_read_member_tags", [], {}))
+
+    async def _read_member_tags(self) -> None:
+        if self._member_gate is not None:
+            await self._member_gate.read_tags(self.dht)
+
     def get_current_state(self):  # runs in the host process, in hivemind's background thread
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
@@ -407,6 +416,7 @@ class BodyAverager:
     def _publish_member_tag(self) -> None:
         if self._member_tag is not None:
             self._member_tag.publish_if_due(self._dht, self.config.dht_request_timeout)
+            self._averager.read_member_tags()
 
     # ------------------------------------------------------------------ fusion
 
