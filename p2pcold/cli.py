@@ -170,10 +170,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)  # before torch and hivemind are imported: bad input fails fast
 
     from p2pcold.peer import CentralizedPeer, DecentralizedPeer
+    from p2pcold.swarm.auth import load_secret
 
+    secret = load_secret(args.secret_file)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     protocol = CentralizedPeer if args.centralized else DecentralizedPeer
-    peer = protocol(config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress)
+    peer = protocol(config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress, secret=secret)
     raise_on_sigterm()
     try:
         peer.setup()
@@ -188,11 +190,14 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
-
     config = _swarm_run_config(args)
+
+    from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
+    from p2pcold.swarm.auth import load_secret
+
+    secret = load_secret(args.secret_file)
     raise_on_sigterm()
-    dht = start_dht(config.swarm, args.initial_peers)
+    dht = start_dht(config.swarm, args.initial_peers, secret=secret)
     repository = None
     try:
         maddrs = visible_maddrs(dht, config.swarm.local_rpc_timeout)
@@ -204,7 +209,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         if args.repository:
             from p2pcold.repository import Repository
 
-            repository = Repository(config, dht, args.run_dir or "runs/repository")
+            repository = Repository(config, dht, args.run_dir or "runs/repository", secret=secret)
             repository.setup()
             repository.train()
             print(f"Repository: run {config.run_id} complete at iteration {repository.iteration}", flush=True)
@@ -224,8 +229,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
 
     from p2pcold.swarm import read_progress, start_dht, stop_dht
+    from p2pcold.swarm.auth import load_secret
 
-    dht = start_dht(config.swarm, args.initial_peers, client_mode=True)
+    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=load_secret(args.secret_file))
     try:
         records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
     finally:
@@ -284,6 +290,13 @@ def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
     )  # fmt: skip
 
 
+def add_secret_option(parser: argparse.ArgumentParser, default: str = "(default: $P2PCOLD_SECRET_FILE or $P2PCOLD_SECRET; none: an open swarm)") -> None:
+    parser.add_argument(
+        "--secret-file", metavar="FILE",
+        help=f"the run secret of a private swarm, in a file only you can read (chmod 600) {default}",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pcold", description="CoLD Fusion as a peer-to-peer trainer over hivemind.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -324,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="run config YAML shared by the swarm (model, iterations, finetune, swarm)")
         p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddrs of peers to join through")
         p.add_argument("--run-id", help="which run to join (default: the config's run_id)")
+        add_secret_option(p)
         add_set_option(p, "swarm.compression=fp16")
 
     peer = sub.add_parser(
@@ -376,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--centralized", action="store_true", help="run through a Repository (paper §2.3)")
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
     simulate.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
+    add_secret_option(simulate, "(default: a fresh one for each run)")
     add_set_option(simulate, "finetune.budget.steps=20")
     simulate.set_defaults(func=cmd_simulate)
 

@@ -18,6 +18,7 @@ from p2pcold.fusion import sample_contributors
 from p2pcold.results import fusion_record
 from p2pcold.run_state import RunState
 from p2pcold.swarm import BodyAverager, FusionResult, FusionStatus, RunIdentity, SwarmTracker, join_run
+from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
 from p2pcold.utils import P2PColdError, get_logger
 
@@ -27,10 +28,11 @@ log = get_logger("repository")
 class Repository:
     """setup() -> train() -> cleanup(); runs on a started DHT node (the bootstrap's)."""
 
-    def __init__(self, config: RunConfig, dht, run_dir: str | Path):
+    def __init__(self, config: RunConfig, dht, run_dir: str | Path, secret: RunSecret | None = None):
         self.config = config
         self.dht = dht
         self.run_dir = Path(run_dir)
+        self.secret = secret  # the DHT node's run secret (a private swarm), for the averager
         self.swarm = config.swarm
         self.state: RunState | None = None
         self.averager = self.tracker = None
@@ -50,7 +52,7 @@ class Repository:
         theta0 = self.state.theta0
         join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, theta0, run_contract(config)), self.swarm)
         self.tracker = SwarmTracker(self.dht, config.run_id, self.swarm)
-        self.averager = BodyAverager(self.dht, config.run_id, theta0, self.swarm, reference=theta0)
+        self.averager = BodyAverager(self.dht, config.run_id, theta0, self.swarm, reference=theta0, secret=self.secret)
         self.averager.set_shared_state(self.iteration, self.state.base)
 
     def _wait_for_peers(self) -> list[str]:

@@ -187,8 +187,9 @@ def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
 class Simulation:
     """setup() -> run() -> stop(): a bootstrap, N peers and an evaluator, each in its own session."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, plans: list[PeerPlan], eval_device: str):
+    def __init__(self, config: RunConfig, run_dir: Path, plans: list[PeerPlan], eval_device: str, secret_env: dict[str, str]):
         self.config = config
+        self.secret_env = secret_env  # how every process of the run finds its secret (see secret_environment)
         self.run_dir = run_dir
         self.plans = plans
         self.eval_device = eval_device
@@ -209,7 +210,7 @@ class Simulation:
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, **self.secret_env, "TOKENIZERS_PARALLELISM": "false"}
         with open(log_path, "a") as out, _stop_signals_deferred():
             # A session of its own: Ctrl-C reaches only the simulator, which stops each group in order,
             # and killing the group also kills the process's hivemind helpers and p2pd daemon.
@@ -248,10 +249,12 @@ class Simulation:
         """dataset -> (iteration, phase), from the swarm's progress records; a peer whose record
         expired (it finished or died) keeps its last known state."""
         from p2pcold.swarm import read_progress, start_dht
+        from p2pcold.swarm.auth import load_secret
 
         try:
             if self.dht is None:
-                self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True)
+                secret = load_secret(environ=self.secret_env)
+                self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True, secret=secret)
             records = read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)
             self.progress.update({p.dataset: (p.iteration, p.phase) for p in records})
         except P2PColdError as e:
@@ -373,6 +376,18 @@ def prepare_run(config_path: str | None, resume: str | None, overrides: dict) ->
     return config, run_dir
 
 
+def secret_environment(secret_file: str | None) -> dict[str, str]:
+    """The environment through which the simulation's processes get the run secret: the user's (its
+    --secret-file, $P2PCOLD_SECRET_FILE or $P2PCOLD_SECRET), checked here, else a fresh one for this run.
+    Never in a command line (`ps` shows those to everyone), the config or the run folder."""
+    from p2pcold.swarm.auth import SECRET_ENV, SECRET_FILE_ENV, load_secret, new_secret_text
+
+    if load_secret(secret_file) is None:
+        return {SECRET_ENV: new_secret_text()}
+    path = secret_file or os.environ.get(SECRET_FILE_ENV)
+    return {SECRET_FILE_ENV: str(Path(path).resolve())} if path else {SECRET_ENV: os.environ[SECRET_ENV]}
+
+
 def simulate(args: argparse.Namespace, overrides: dict) -> int:
     from p2pcold.results import read_results, summary_table
 
@@ -385,6 +400,7 @@ def simulate(args: argparse.Namespace, overrides: dict) -> int:
         overrides["simulate.centralized"] = True
     if args.peers:
         overrides["simulate.peers"] = args.peers
+    secret_env = secret_environment(args.secret_file)
     config, run_dir = prepare_run(args.config, args.resume, overrides)
     plans = plan_peers(config, config.simulate.peers, gpus)
     if not args.resume:
@@ -395,7 +411,8 @@ def simulate(args: argparse.Namespace, overrides: dict) -> int:
     print(f"simulating {len(plans)} peers for {config.iterations} iterations in {run_dir} ({'centralized' if config.simulate.centralized else 'decentralized'})")
     for plan in plans:
         print(f"  {plan.name}: {plan.dataset} on {plan.device}, {plan.threads} thread(s)")
-    simulation = Simulation(config, run_dir, plans, eval_device)
+    print("  a private swarm: its processes get the run secret through their environment")
+    simulation = Simulation(config, run_dir, plans, eval_device, secret_env)
     raise_on_sigterm()  # the processes run in sessions of their own: only this one hears the signal
     try:
         simulation.setup()

@@ -258,6 +258,26 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
     path = folder("peer bad address")
     cases["peer bad address"] = Case(["peer", "--dataset", str(recipe), "--initial-peers", "not-an-address", "--run-dir", str(path / "run")], "not-an-address")
 
+    # ---- the run secret (a private swarm)
+    somewhere = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMgK13rEBAV5rgffdWDfpHmp4zTkYQgW5uXZ1gkc9Svm5"
+    path = folder("secret file missing")
+    cases["secret file missing"] = Case(["status", "--initial-peers", somewhere, "--secret-file", str(path / "run.secret")], "run.secret: no such secret file")
+    path = folder("secret file readable by others")
+    (path / "run.secret").write_text("0123456789abcdef0123456789abcdef\n")
+    (path / "run.secret").chmod(0o644)
+    cases["secret file readable by others"] = Case(
+        ["peer", "--dataset", str(recipe), "--initial-peers", somewhere, "--run-dir", str(path / "run"), "--secret-file", str(path / "run.secret")], "chmod 600 "
+    )
+    path = folder("secret file empty")
+    (path / "run.secret").write_text("\n")
+    (path / "run.secret").chmod(0o600)
+    cases["secret file empty"] = Case(["bootstrap", "--secret-file", str(path / "run.secret")], "run.secret: the secret file is empty")
+    path = folder("secret file too short")
+    (path / "run.secret").write_text("hunter2")
+    (path / "run.secret").chmod(0o600)
+    config = run_config(path)
+    cases["secret file too short"] = Case(["simulate", str(config), "--secret-file", str(path / "run.secret")], "at least 16")
+
     # ---- signals
     path = folder("sigterm local")
     config = run_config(path, iterations=50, finetune={"batch_size": 8, "max_length": 16, "budget": {"steps": 50}})

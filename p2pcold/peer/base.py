@@ -23,6 +23,7 @@ from p2pcold.swarm import (
     start_dht,
     stop_dht,
 )
+from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import duplicate_dataset_peers
 from p2pcold.utils import P2PColdError, get_logger
 
@@ -40,6 +41,7 @@ class SwarmPeer:
         run_dir: str | Path,
         device: str | None = None,
         show_progress: bool = False,
+        secret: RunSecret | None = None,
     ):
         self.config = config
         self.dataset = dataset
@@ -47,6 +49,7 @@ class SwarmPeer:
         self.run_dir = Path(run_dir)
         self.device = resolve_device(device)
         self.show_progress = show_progress
+        self.secret = secret  # the run secret of a private swarm; None: an open swarm
         self.state: RunState | None = None
         self.dht = self.averager = self.tracker = None
         self.name = Path(dataset).stem
@@ -71,7 +74,7 @@ class SwarmPeer:
         self.contributor.head_state = self.state.heads.get(self.name)
 
         swarm = config.swarm
-        self.dht = start_dht(swarm, self.initial_peers)
+        self.dht = start_dht(swarm, self.initial_peers, secret=self.secret)
         self.peer_id = peer_id(self.dht)
         identity = RunIdentity.for_body(config.run_id, config.model, self.state.theta0, run_contract(config))
         join_run(self.dht, config.run_id, identity, swarm)
@@ -79,7 +82,7 @@ class SwarmPeer:
         self._refuse_a_second_peer_on_this_dataset()
         # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
         self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
-        self.averager = BodyAverager(self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0)
+        self.averager = BodyAverager(self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0, secret=self.secret)
         self._load_start_state()
         log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
 

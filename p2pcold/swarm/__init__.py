@@ -7,6 +7,7 @@ Primitives (no model code; bodies are plain `dict[str, Tensor]`):
 - `PeerProgress`, `Phase`, `publish_progress`, `read_progress`: expiring per-peer status records (progress.py)
 - `SwarmTracker`: the one owner of a process's view of the swarm, one thread reading the DHT (tracker.py)
 - `boundary`: the pure decision at an iteration boundary, from a snapshot of that view (boundary.py)
+- `auth`: private swarms: the run secret (`load_secret`), the DHT authorizer, member tags (auth.py)
 
 Every network wait is bounded by a named `SwarmConfig` timeout; see docs/protocol-primitives.md.
 Importing this package changes nothing in hivemind: `start_dht` applies p2pcold's fixes (`_compat.apply`).

@@ -23,6 +23,8 @@ needs on top of it:
   same bodies (`fuse` re-copies the untouched body) until the deadline.
 * **State sharing for late joiners** (`set_shared_state` / `download_state`), with the iteration as
   hivemind's `state_sharing_priority`, so the newest donor is asked first.
+* **Members only, in a private swarm** (`secret`): the averager publishes this peer's member tag and
+  serves its averaging RPCs only to callers with a valid one (`p2pcold.swarm.auth`).
 """
 
 from __future__ import annotations
@@ -37,19 +39,22 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _procs
 from p2pcold.swarm import dht as swarm_dht
+from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
 from p2pcold.swarm.identity import body_schema_hash
 from p2pcold.utils import P2PColdError, get_logger
 
@@ -159,9 +164,10 @@ class _SwarmAverager(DecentralizedAverager):
     member is seen by all of them, and they retry together.
     """
 
-    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, **kwargs):
+    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, member_gate: MemberGate | None, **kwargs):
         self._state_provider = state_provider
         self._swarm_config = swarm_config
+        self._member_gate = member_gate
         self._p2pcold_parent = os.getpid()
         super().__init__(*args, **kwargs)
 
@@ -169,6 +175,42 @@ class _SwarmAverager(DecentralizedAverager):
         _procs.reset_signal_handlers()
         _procs.exit_when_orphaned(self._p2pcold_parent)
         super().run()
+
+    # The averaging RPCs of a private swarm serve members only (see p2pcold.swarm.auth): a caller whose
+    # proven peer id has no valid member tag gets an empty stream, and nothing of this peer is touched.
+
+    async def _admits(self, context: P2PContext, what: str) -> bool:
+        return self._member_gate is None or await self._member_gate.admits(self.dht, context.remote_id, what)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if await self._admits(context, "a request to join a group"):
+            async for response in super().rpc_join_group(request, context):
+                yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if await self._admits(context, "a part to aggregate"):
+            async for response in super().rpc_aggregate_part(stream, context):
+                yield response
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if await self._admits(context, "a state download"):
+            async for response in super().rpc_download_state(request, context):
+                yield response
+
+    def read_member_tags(self) -> None:
+        """Have the averager process read the member tags now, without waiting: called as a boundary
+        begins, so that the group's members are admitted from the cache, not after a DHT read each."""
+        self._outer_pipe.send(("_read_member_tags", [], {}))
+
+    async def _read_member_tags(self) -> None:
+        if self._member_gate is not None:
+            await self._member_gate.read_tags(self.dht)
 
     def get_current_state(self):  # runs in the host process, in hivemind's background thread
         metadata, tensors = self._state_provider()
@@ -274,6 +316,9 @@ class BodyAverager:
     compression errors become proportional to how far finetuning moved the weights instead of to the
     weights themselves (8-bit quantization of raw weights is not usable; see docs).
 
+    `secret`: the run secret of a private swarm (the same one `start_dht` got): this peer's member tag
+    is published, and only members may join its groups, send it parts or download its state.
+
     The averager's background process is started in the constructor (bounded by
     `config.local_rpc_timeout`). Call `shutdown()` when done (also a context manager).
     """
@@ -287,6 +332,7 @@ class BodyAverager:
         *,
         reference: Mapping[str, torch.Tensor] | None = None,
         client_mode: bool | None = None,
+        secret: RunSecret | None = None,
     ):
         validate_swarm_config(config)
         if not template:
@@ -317,12 +363,17 @@ class BodyAverager:
         if client_mode is None:
             client_mode = swarm_dht.is_client_mode(dht, config.local_rpc_timeout)
         self.client_mode = client_mode
+        self.peer_id = str(dht.peer_id)
+        # a private swarm: this peer's tag proves its membership to the others' averagers, and its own
+        # averager checks theirs (the tag is stored before the first RPC this peer makes)
+        self._member_tag = None if secret is None else MemberTag(secret, self.prefix, self.peer_id)
         self._averager = _SwarmAverager(
             self._tensors,
             dht,
             start=False,
             state_provider=self._current_state,
             swarm_config=config,
+            member_gate=None if secret is None else MemberGate(secret, self.prefix, config.dht_request_timeout),
             prefix=self.prefix,
             target_group_size=config.target_group_size,
             min_group_size=config.min_group_size,
@@ -341,7 +392,7 @@ class BodyAverager:
             shutdown_timeout=config.shutdown_timeout,
         )
         self._start_averager()
-        self.peer_id = str(dht.peer_id)
+        self._publish_member_tag()
 
     def _start_averager(self) -> None:
         # hivemind's run_in_background() sets SIGINT to SIG_IGN in the *calling* process for good (so that
@@ -361,6 +412,11 @@ class BodyAverager:
             if not isinstance(e, Exception):
                 raise  # KeyboardInterrupt, the CLI's SIGTERM: not a start-up failure
             raise P2PColdError(f"swarm: the averager process did not start: {str(e) or type(e).__name__}") from None
+
+    def _publish_member_tag(self) -> None:
+        if self._member_tag is not None:
+            self._member_tag.publish_if_due(self._dht, self.config.dht_request_timeout)
+            self._averager.read_member_tags()
 
     # ------------------------------------------------------------------ fusion
 
@@ -411,6 +467,7 @@ class BodyAverager:
 
         started = time.monotonic()
         end = started + deadline_s
+        self._publish_member_tag()
         attempts, status, reason = 0, FusionStatus.NO_GROUP, "no other peer at this iteration before the deadline"
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:

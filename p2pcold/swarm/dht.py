@@ -23,6 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _compat, _procs
+from p2pcold.swarm.auth import RunSecret, SecretAuthorizer, open_swarm_notice
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -141,13 +142,16 @@ def check_identity_file(path: Path) -> None:
         ) from None
 
 
-def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False) -> hivemind.DHT:
+def start_dht(
+    config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False, *, secret: RunSecret | None = None
+) -> hivemind.DHT:
     """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
 
     Waits at most `dht_startup_timeout + bootstrap_timeout` seconds. Raises P2PColdError when the
     fixed port is taken (before anything starts), the daemon does not start or none of the initial
     peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
-    cannot lead groups or serve its state.
+    cannot lead groups or serve its state. `secret`: the run secret of a private swarm (None: an open
+    swarm, which anyone can join); only nodes holding the same secret can talk to this one.
     """
     validate_swarm_config(config)
     _compat.apply()
@@ -157,6 +161,8 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
     announce = _check_maddrs(config.announce_maddrs, "announce_maddrs")
     listen = listen_maddr(config.host, config.port)
     check_port_free(config.host, config.port)
+    if secret is None:
+        open_swarm_notice()
     bound = config.dht_startup_timeout + config.bootstrap_timeout
     started = time.monotonic()
     dht = _SwarmDHT(
@@ -169,6 +175,7 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
         startup_timeout=config.dht_startup_timeout,
         client_mode=client_mode,
         shutdown_timeout=config.shutdown_timeout,
+        authorizer=None if secret is None else SecretAuthorizer(secret),
     )
     daemons: set[tuple[int, int]] = set()
     _DAEMONS[dht.pid] = daemons
@@ -198,7 +205,8 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
             raise P2PColdError(f"swarm: could not start a DHT node for {where} within {bound:.0f} s")
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if initial and "bootstrap" in reason.lower():
-            raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}): {reason}")
+            hint = "a private swarm answers only holders of its secret: check --secret-file" if secret else "if the swarm is private, pass its --secret-file"
+            raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}; {hint}): {reason}")
         raise P2PColdError(f"swarm: could not start a DHT node for {where}: {reason}")
     daemons.update(_procs.children(dht.pid, "p2pd"))
     logger.info("DHT node %s up in %.1f s", dht.peer_id, time.monotonic() - started)

@@ -59,9 +59,13 @@ def simulator():
 
 
 def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simulator):
+    """...in a private swarm whose secret the user gives: it appears in no log, config or checkpoint."""
     config = write_simulation_config(tmp_path, tiny_model_dir, iterations=2, steps=3)
     log = tmp_path / "simulate.log"
-    proc = simulator(str(config), log=log)
+    secret = f"sim-secret-{uuid.uuid4().hex}"
+    (tmp_path / "run.secret").write_text(secret + "\n")
+    (tmp_path / "run.secret").chmod(0o600)
+    proc = simulator(str(config), "--secret-file", str(tmp_path / "run.secret"), log=log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -79,6 +83,11 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
     output = log.read_text()
     assert "pretrained  0" in output and "fused       2" in output  # the closing table
     assert tagged_processes(simulator.tag) == []
+    assert "a private swarm" in output and "open swarm" not in output
+    assert "toy_movies:" in output  # the simulator's own node joined the private DHT and read the peers' progress
+    assert any(r["fusion"]["status"] == "ok" for r in results if r["iteration"] > 0), results  # members admit each other
+    for path in [log, *(p for p in run.rglob("*") if p.is_file())]:
+        assert secret.encode() not in path.read_bytes(), path
 
 
 def test_ctrl_c_stops_every_process_and_resume_finishes(tmp_path, tiny_model_dir, simulator):
