@@ -13,15 +13,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from rogue_robust import member_body  # noqa: E402
+from rogue_robust import member_body, play  # noqa: E402
 from swarm_cli import SwarmProcesses  # noqa: E402
 
-from p2pcold.fusion import average  # noqa: E402
+from p2pcold import testing  # noqa: E402
+from p2pcold.fusion import aggregate, average  # noqa: E402
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 LAUNCHER = str(Path(__file__).resolve().parent / "rogue_robust.py")
-ATTACKS = ["times_1e3", "noise", "target", "nan"]  # the rogue's play at iterations 0, 1, 2, 3
+ATTACKS = list(testing.ATTACKS)  # the rogue's play at iterations 0, 1, 2, 3: x 1e3, noise, target + 1e6, NaN
 HONEST_SEEDS = (1, 2, 3)
 CONFIG = {  # loopback timings; a group needs all four members
     "matchmaking_time": 2.0, "request_timeout": 1.0, "next_chunk_timeout": 2.0, "allreduce_timeout": 15.0,
@@ -56,7 +57,8 @@ def test_a_rogue_member_cannot_move_the_fused_body_and_its_nan_is_left_out(proce
     """3 honest members + 1 rogue that plays body x 1e3, N(0, 1) noise, a chosen body with weight 1e6,
     then NaN, one attack per boundary. The honest members' fused body stays, value by value, within
     the honest bodies' own range around their average (a trimmed mean of 4 that drops one on each side
-    keeps only values between two honest ones); the NaN boundary fuses the other three exactly."""
+    keeps only values between two honest ones), and equals `fusion.aggregate` of the four bodies (the
+    local run's math); the NaN boundary fuses the other three exactly."""
     honest = [f"honest{i}" for i in range(3)]
     first = start_member(processes, honest[0], HONEST_SEEDS[0], ["honest"] * 4, [])
     maddrs = processes.folder / "maddrs.txt"
@@ -79,8 +81,11 @@ def test_a_rogue_member_cannot_move_the_fused_body_and_its_nan_is_left_out(proce
     for iteration, attack in enumerate(ATTACKS):
         bodies = [member_body(seed, iteration) for seed in HONEST_SEEDS]
         honest_mean = average(bodies)
+        rogue_body, rogue_weight = play(attack, 99, iteration)
+        reference = aggregate([*bodies, rogue_body], [1.0, 1.0, 1.0, rogue_weight])  # what a local run computes
         for name in honest:
             body = fused[name][iteration]
+            assert max((body[t] - reference[t]).abs().max().item() for t in body) < 1e-5, (attack, name)
             for tensor, value in body.items():
                 assert bool(torch.isfinite(value).all()), (attack, name, tensor)
                 stacked = torch.stack([b[tensor] for b in bodies])
