@@ -427,7 +427,9 @@ def robust(results: dict) -> str:
         f"{r['peers']} members on 127.0.0.1, {r['rogues']} of them rogue, a body shaped like the tiny test encoder; "
         "distance of an honest member's fused body to the honest-only average (max / RMS over every value). "
         "robust: `aggregation` defaults (trimmed mean); mean: `rule: mean` (weights capped at 4 × the median); "
-        "plain: the mean with weights as declared (hivemind's own reducer; NaN is still left out).",
+        "plain: the mean with weights as declared, as hivemind's own reducer computes it (NaN is still left out). "
+        "With NaN left out, 7 honest members remain: the mean variants give exactly their average, the robust one "
+        "their trimmed mean, within their own spread.",
         "",
         _table(
             ["rogue sends", "robust", "mean (capped weights)", "plain mean", "honest members' own spread (max)"],

@@ -10,7 +10,7 @@ Cost: fusion-round time of all-honest rounds, robust vs mean, interleaved in the
 member holds both averagers), on a body shaped like the tiny test encoder and, unless --quick, a
 body of 2M values (16 parts of 2**17 values, so every reducer holds several parts).
 
-Run alone: python -m benchmarks.robust [--quick]
+Run alone: python -m benchmarks.run --only robust [--quick]
 """
 
 from __future__ import annotations
@@ -149,12 +149,3 @@ def run(quick: bool = False) -> dict:
             swarm.close()
     return result
 
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.quick), indent=2))

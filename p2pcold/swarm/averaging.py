@@ -94,7 +94,7 @@ def make_compression(name: str) -> CompressionBase:
 
 
 class FusionStatus(str, enum.Enum):
-    OK = "ok"  # averaged with a group; `averaged` holds the weighted mean
+    OK = "ok"  # fused with a group; `averaged` holds the group's body under the run's aggregation rule
     NO_GROUP = "no_group"  # no other peer at this iteration before the deadline
     FAILED = "failed"  # a group formed, but no all-reduce attempt completed cleanly before the deadline
     ABORTED = "aborted"  # the caller's `abort` check said to stop looking (e.g. the swarm moved on)
@@ -113,7 +113,7 @@ class FusionResult:
 
     status: FusionStatus
     iteration: int
-    averaged: dict[str, torch.Tensor] | None  # the weighted mean (new tensors); None unless OK
+    averaged: dict[str, torch.Tensor] | None  # the fused body (new tensors; fusion.aggregate's rule); None unless OK
     group_size: int = 0  # peers in the group that produced `averaged` (0 unless OK)
     members: dict[str, GroupMember] = field(default_factory=dict)  # by peer id, this peer included
     total_weight: float = 0.0
