@@ -3,7 +3,8 @@
 Usage: python rogue_robust.py '<json options>'. Options: initial_peers (list; empty: this member
 starts the swarm and writes its multiaddrs to `maddrs_file`), run_id, config (SwarmConfig fields),
 aggregation (AggregationConfig fields), seed, plays (one per iteration, from iteration 0: `honest`, or
-an attack of p2pcold.testing.ATTACKS), deadline (s per fusion), out (a torch.save file: {iteration: fused body or None}).
+an attack of p2pcold.testing.ATTACKS), deadline (s per fusion), out (a torch.save file: {iteration: fused body or None}),
+go_file (fusing starts once it exists, so that slow start-ups do not eat the first deadline).
 
 The rogue is built from p2pcold.swarm's own code (a BodyAverager at the run's prefix) and never calls
 join_run: it only needs the bootstrap address, the run id and the public template. Every member prints
@@ -25,6 +26,7 @@ from p2pcold.swarm import BodyAverager, start_dht, visible_maddrs
 from p2pcold.utils import setup_logging
 
 SHAPES = {"encoder.weight": (64, 32), "encoder.bias": (32,), "embeddings.weight": (50, 16)}
+GO_TIMEOUT_S = 180.0  # how long a started member waits for the test's go (every member started)
 
 
 def member_body(seed: int, iteration: int) -> dict[str, torch.Tensor]:
@@ -47,6 +49,9 @@ def main() -> None:
     aggregation = AggregationConfig(**options.get("aggregation", {}))
     averager = BodyAverager(dht, options["run_id"], template, config, aggregation=aggregation)
     print("@@ " + json.dumps({"peer_id": averager.peer_id}), flush=True)
+    go, give_up = Path(options["go_file"]), time.monotonic() + GO_TIMEOUT_S
+    while not go.exists() and time.monotonic() < give_up:  # members start up at different speeds
+        time.sleep(0.1)
     fused = {}
     try:
         for iteration, attack in enumerate(options["plays"]):
