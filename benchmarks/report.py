@@ -413,6 +413,42 @@ def scaling(results: dict) -> str:
     return "\n".join(out + ["", note])
 
 
+def robust(results: dict) -> str:
+    r, note = _section(results, "robust")
+    if r is None:
+        return note
+
+    def error(v: dict) -> str:
+        if v["max_error"] is None:
+            return f"no fusion ({v['status']})"
+        return f"{v['max_error']:.3g} / {v['rms_error']:.3g}"
+
+    out = [
+        f"{r['peers']} members on 127.0.0.1, {r['rogues']} of them rogue, a body shaped like the tiny test encoder; "
+        "distance of an honest member's fused body to the honest-only average (max / RMS over every value). "
+        "robust: `aggregation` defaults (trimmed mean); mean: `rule: mean` (weights capped at 4 × the median); "
+        "plain: the mean with weights as declared, as hivemind's own reducer computes it (NaN is still left out). "
+        "With NaN left out, 7 honest members remain: the mean variants give exactly their average, the robust one "
+        "their trimmed mean, within their own spread.",
+        "",
+        _table(
+            ["rogue sends", "robust", "mean (capped weights)", "plain mean", "honest members' own spread (max)"],
+            [[a["attack"], error(a["robust"]), error(a["mean"]), error(a["plain"]), f"{a['honest_spread']:.3g}"] for a in r["attacks"]],
+        ),
+        "",
+        "Cost: the slowest member's fusion time of all-honest rounds, robust vs mean, interleaved in the same swarm "
+        "(both through p2pcold's reducer; median over rounds, ratio: median of per-round ratios).",
+        "",
+        _table(
+            ["body", "params", "timed rounds", "robust (s)", "mean (s)", "robust / mean"],
+            [[t["size"], f"{t['params']:,}", t["repeats"], fmt(t["robust_s"]), fmt(t["mean_s"]), f"**{fmt(t['ratio'])}**"] for t in r["timing"]],
+        ),
+        "",
+        "Not measured: MiniLM accuracy with 1 rogue vs honest-only fusion (the issue's target, within 1 point).",
+    ]
+    return "\n".join(out + ["", note])
+
+
 def generated(results: dict) -> str:
     parts = [
         machine(results),
@@ -428,6 +464,8 @@ def generated(results: dict) -> str:
         scaling(results),
         "### 6. GPU",
         gpu(results),
+        "### 7. Robust fusion",
+        robust(results),
     ]
     return "\n\n".join(parts)
 

@@ -1,6 +1,6 @@
 """Run the benchmark suite: `make bench`, `python -m benchmarks.run` or `python benchmarks/run.py`.
 
-    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory, gpu); the
+    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory, gpu, robust); the
                              others keep their previous results in benchmarks/results.json
     --quick                  fewer repeats and configurations (a smoke test, ~5 minutes)
     --no-docs                do not regenerate docs/performance.md
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 
 from benchmarks import common  # noqa: E402
 
-ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory", "gpu"]  # scaling and memory read the others
+ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory", "gpu", "robust"]  # scaling and memory read the others
 
 
 def _module(name: str):
@@ -37,6 +37,7 @@ def _module(name: str):
             "scaling": "benchmarks.scaling",
             "memory": "benchmarks.memory",
             "gpu": "benchmarks.gpu",
+            "robust": "benchmarks.robust",
         }[name]
     )
 

@@ -178,6 +178,32 @@ class FinetuneConfig(_Section):
     num_threads: PositiveInt | None = None  # torch CPU threads; None leaves torch's default
 
 
+class AggregationConfig(_Section):
+    """How one boundary's contributions become θ_{i+1} (issue 8): `p2pcold.fusion.aggregate`.
+
+    The local run and every all-reduce reducer compute the same rule, so every field is in the run
+    contract: peers with different rules would hold different bodies after the same boundary.
+    """
+
+    # `mean`: the paper's weighted mean (one rogue member moves it anywhere). `trimmed_mean`: per value,
+    # the `trim_fraction` highest and lowest contributions are dropped after norm clipping. `auto`:
+    # `trimmed_mean` once at least `robust_min_contributors` contribute, `mean` below (trimming 1 of 3
+    # would make the median of three honest peers, not their average).
+    rule: Literal["auto", "mean", "trimmed_mean"] = "auto"
+    # 4: the smallest group in which one Byzantine member is outvoted on both sides of every value.
+    robust_min_contributors: _number(int, ge=3) = 4
+    # Share of contributions dropped on EACH side of every value (at least one); it tolerates that many
+    # rogue members. Below 0.5 so that some contribution is always kept.
+    trim_fraction: _number(float, gt=0, lt=0.5) = 0.25
+    # A declared weight counts at most this multiple of the group's median declared weight, in every
+    # rule: weights arrive from the senders and are never trusted as sent (a 1e6 weight took over the
+    # mean). 4 leaves `fusion_weighting: examples` alone for datasets within 4x of the median size.
+    weight_cap: _number(float, ge=1) = 4.0
+    # trimmed_mean only: a contribution whose distance from the group's per-value median exceeds this
+    # multiple of the median such distance is pulled back to it (per block, see fusion.BLOCK_VALUES).
+    norm_clip: _number(float, ge=1) = 3.0
+
+
 class EvalConfig(_Section):
     """The paper's evaluation (§3.4): CoLD finetunes the whole model, CoLD-Frozen the head only."""
 
@@ -211,6 +237,7 @@ class RunConfig(_Section):
     iterations: PositiveInt = 3
     seed: NonNegativeInt = 0
     fusion_weighting: Literal["uniform", "examples"] = "uniform"
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)  # how contributions are combined
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Text = "runs/local"
@@ -520,6 +547,8 @@ CONTRACT_FIELDS = (
     "finetune.learning_rate", "finetune.weight_decay", "finetune.warmup_ratio", "finetune.batch_size",
     "finetune.gradient_accumulation", "finetune.max_length", "finetune.head", "finetune.dropout",
     "finetune.optimizer", "finetune.precision",
+    "aggregation.rule", "aggregation.robust_min_contributors", "aggregation.trim_fraction",
+    "aggregation.weight_cap", "aggregation.norm_clip",
 )  # fmt: skip
 
 

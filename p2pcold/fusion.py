@@ -1,19 +1,32 @@
-"""The CoLD Fusion aggregation math (§2.3): θ_{i+1} = Σ_c w_c θ_i^c / Σ_c w_c.
+"""The CoLD Fusion aggregation math (§2.3): θ_{i+1} = Σ_c w_c θ_i^c / Σ_c w_c, and its robust form.
 
 Pure functions over state dicts (name -> tensor). No network, no model code: the in-process
-reference run, the Repository and the tests call these directly, and the swarm's all-reduce
-must agree with them.
+reference run and the tests call these directly, and the swarm's all-reduce must agree with them.
+
+`aggregate` is what a boundary computes (issue 8): it works block by block (`BLOCK_VALUES`
+contiguous values of each flattened tensor), and `aggregate_block` is the whole rule for one block.
+Every all-reduce reducer receives exactly such blocks (its parts; `p2pcold.swarm.robust_reduce`) and
+calls `aggregate_block` on them, so the swarm computes what the local run computes.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 from typing import Mapping, Sequence
 
 import torch
 
-from p2pcold.utils import P2PColdError, derive_seed
+from p2pcold.config import AggregationConfig
+from p2pcold.utils import P2PColdError, derive_seed, get_logger
+
+log = get_logger(__name__)
+
+# Values per block of a flattened tensor: the unit of norm clipping and of non-finite exclusion. The
+# swarm sets hivemind's all-reduce part size to exactly this many values, so that each reducer sees
+# whole blocks. 2**17 float32 values = hivemind's default part of 512 KiB.
+BLOCK_VALUES = 2**17
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -84,16 +97,119 @@ def average(
     for name in sorted(states[0]):
         first = states[0][name]
         if not first.is_floating_point():
-            for state, label in zip(states[1:], labels[1:]):
-                if not torch.equal(state[name], first):
-                    raise FusionError(f"cannot fuse non-float tensor {name!r}: {label} differs from {labels[0]}")
-            fused[name] = first.detach().clone()
+            fused[name] = _agreed_copy(states, labels, name)
             continue
         total = torch.zeros(first.shape, dtype=torch.float64)
         for state, c in zip(states, coefficients):
             total.add_(state[name].detach().to("cpu", torch.float64), alpha=c)
         fused[name] = total.to(first.dtype)
     return fused
+
+
+def aggregate(
+    states: Sequence[StateDict],
+    weights: Sequence[float] | None = None,
+    labels: Sequence[str] | None = None,
+    rule: AggregationConfig | None = None,
+) -> dict[str, torch.Tensor]:
+    """θ_{i+1} from the contributions `states` under `rule` (default: AggregationConfig()), block by block.
+
+    `weights` as in `average` (None: 1 each). A contribution holding NaN or Inf in a block is left out of
+    that block (named in one warning line); the others are fused. Non-float tensors must agree and are
+    copied. Raises FusionError only when some block has no finite contribution at all.
+    """
+    if not states:
+        raise FusionError("cannot fuse: no bodies given")
+    rule = rule or AggregationConfig()
+    labels = list(labels or [f"body {i}" for i in range(len(states))])
+    check_same_schema(states, labels)
+    declared = [1.0] * len(states) if weights is None else [float(w) for w in weights]
+    normalized_weights(declared, len(states))  # the caller's own weights: refuse nonsense loudly
+    fused: dict[str, torch.Tensor] = {}
+    excluded: set[int] = set()
+    for name in sorted(states[0]):
+        first = states[0][name]
+        if not first.is_floating_point():
+            fused[name] = _agreed_copy(states, labels, name)
+            continue
+        flat = [state[name].detach().reshape(-1).to("cpu") for state in states]
+        out = torch.empty(first.numel(), dtype=torch.float64)
+        for start in range(0, first.numel(), BLOCK_VALUES):
+            block = torch.stack([values[start : start + BLOCK_VALUES] for values in flat])
+            try:
+                out[start : start + BLOCK_VALUES], left_out = aggregate_block(block, declared, rule)
+            except FusionError as e:
+                raise FusionError(f"cannot fuse tensor {name!r}: {e}") from None
+            excluded.update(left_out)
+        fused[name] = out.reshape(first.shape).to(first.dtype)
+    if excluded:
+        log.warning("fusion: left out non-finite values of %s", ", ".join(labels[i] for i in sorted(excluded)))
+    return fused
+
+
+def aggregate_block(
+    values: torch.Tensor, weights: Sequence[float], rule: AggregationConfig
+) -> tuple[torch.Tensor, list[int]]:
+    """The fused block (float64) of `values` (contributors x block values), and which contributors were
+    left out because the block holds NaN or Inf in their row.
+
+    1. Contributors with a weight <= 0 (they receive without contributing) or non-finite values drop out.
+    2. Weights are capped at `rule.weight_cap` x their median, then normalized.
+    3. `mean`: the weighted mean. `trimmed_mean` (or `auto` with at least `robust_min_contributors`):
+       each row's distance from the per-value median is clipped to `rule.norm_clip` x the median
+       distance; then, per value, the `trim_fraction` lowest and highest are dropped (at least one each
+       side) and the rest averaged with their weights.
+    """
+    values = values.to(torch.float64)
+    finite = torch.isfinite(values).all(dim=1).tolist()
+    positive = [math.isfinite(w) and w > 0 for w in weights]
+    excluded = [i for i, (ok, pos) in enumerate(zip(finite, positive)) if pos and not ok]
+    kept = [i for i, (ok, pos) in enumerate(zip(finite, positive)) if pos and ok]
+    if not kept:
+        raise FusionError("no contribution with a positive weight and finite values")
+    rows = values[kept]
+    capped = bounded_weights([weights[i] for i in kept], rule.weight_cap)
+    if not is_robust(rule, len(kept)):
+        return (rows * capped[:, None]).sum(dim=0), excluded
+    rows = clip_to_median(rows, rule.norm_clip)
+    order = rows.argsort(dim=0, stable=True)
+    trim = max(1, int(rule.trim_fraction * len(kept)))
+    middle = order[trim : len(kept) - trim]
+    chosen, chosen_weights = rows.gather(0, middle), capped[middle]
+    return (chosen * chosen_weights).sum(dim=0) / chosen_weights.sum(dim=0), excluded
+
+
+def is_robust(rule: AggregationConfig, contributors: int) -> bool:
+    """Whether `rule` trims for this many contributors (at least 3 are needed to trim one each side)."""
+    if contributors < 3 or rule.rule == "mean":
+        return False
+    return rule.rule == "trimmed_mean" or contributors >= rule.robust_min_contributors
+
+
+def bounded_weights(weights: Sequence[float], cap: float) -> torch.Tensor:
+    """Positive weights capped at `cap` x their median, normalized to sum to 1 (float64)."""
+    limit = cap * statistics.median(weights)
+    capped = torch.tensor([min(w, limit) for w in weights], dtype=torch.float64)
+    return capped / capped.sum()
+
+
+def clip_to_median(rows: torch.Tensor, multiple: float) -> torch.Tensor:
+    """Pull each row back towards the per-value median until its distance from it is at most `multiple`
+    x the median of those distances (a row at or below that is unchanged)."""
+    center = rows.median(dim=0).values
+    offsets = rows - center
+    distances = offsets.norm(dim=1)
+    limit = multiple * statistics.median(distances.tolist())
+    scale = torch.where(distances > limit, limit / distances.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    return center + offsets * scale[:, None]
+
+
+def _agreed_copy(states: Sequence[StateDict], labels: Sequence[str], name: str) -> torch.Tensor:
+    first = states[0][name]
+    for state, label in zip(states[1:], labels[1:]):
+        if not torch.equal(state[name], first):
+            raise FusionError(f"cannot fuse non-float tensor {name!r}: {label} differs from {labels[0]}")
+    return first.detach().clone()
 
 
 def max_abs_difference(a: StateDict, b: StateDict) -> float:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from p2pcold.config import RunConfig, load_dataset_spec
 from p2pcold.evaluate import Evaluator, evaluate_and_record
 from p2pcold.finetune import Contributor, resolve_device
-from p2pcold.fusion import average, sample_contributors
+from p2pcold.fusion import aggregate, sample_contributors
 from p2pcold.results import EvalResult, fusion_record, read_results, summary_table
 from p2pcold.run_folder import check_run_folder, write_run_config
 from p2pcold.run_state import RunState
@@ -106,7 +106,7 @@ class LocalRun:
             self.contributors[name].contribute(self.state.body, self.base, i, self.device, self.show_progress) for name in names
         ]
         weights = [c.result.examples for c in contributions] if self.config.fusion_weighting == "examples" else None
-        self.state.base = average([c.body for c in contributions], weights, labels=names)
+        self.state.base = aggregate([c.body for c in contributions], weights, names, self.config.aggregation)
         self.state.iteration = i + 1
         self.history.append(
             {

@@ -52,7 +52,9 @@ class Repository:
         theta0 = self.state.theta0
         join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, theta0, run_contract(config)), self.swarm)
         self.tracker = SwarmTracker(self.dht, config.run_id, self.swarm)
-        self.averager = BodyAverager(self.dht, config.run_id, theta0, self.swarm, reference=theta0, secret=self.secret)
+        self.averager = BodyAverager(
+            self.dht, config.run_id, theta0, self.swarm, reference=theta0, secret=self.secret, aggregation=config.aggregation
+        )
         self.averager.set_shared_state(self.iteration, self.state.base)
 
     def _wait_for_peers(self) -> list[str]:

@@ -1,6 +1,8 @@
 """Tiny random encoders for tests and benchmarks: a real BERT architecture and a real WordPiece
 tokenizer, small enough to finetune in milliseconds on a CPU. Saved as a Hugging Face folder so
-every code path (including separate peer processes) loads it exactly like a pretrained model."""
+every code path (including separate peer processes) loads it exactly like a pretrained model.
+
+Also the bodies of honest and rogue group members, for the robust-fusion attack tests and benchmark."""
 
 from __future__ import annotations
 
@@ -45,3 +47,38 @@ def build_tiny_encoder(
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------- group members for attack tests
+
+ATTACKS = ("times_1e3", "noise", "target", "nan")  # what a rogue member sends (issue 8's table)
+ROGUE_WEIGHT = 1e6  # the weight the `target` attack declares
+TARGET = 7.0  # every value of the `target` attack's body
+
+
+def member_body(shapes: dict[str, tuple[int, ...]], seed: int, iteration: int, spread: float = 0.01) -> dict[str, torch.Tensor]:
+    """An honest member's body at `iteration`: the body every member shares at that iteration plus its own
+    finetuning, of about `spread` per value. Any process rebuilds any member's body from (seed, iteration)."""
+    common = torch.Generator().manual_seed(10_000 + iteration)
+    own = torch.Generator().manual_seed(seed * 1000 + iteration)
+    return {
+        name: torch.randn(shape, generator=common) + spread * torch.randn(shape, generator=own)
+        for name, shape in shapes.items()
+    }
+
+
+def contribution(play: str, body: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """(body, declared weight) that a member sends: `honest` sends `body` with weight 1, an attack of ATTACKS
+    sends body x 1e3, N(0, 1) noise, TARGET everywhere with ROGUE_WEIGHT, or NaN."""
+    if play == "honest":
+        return body, 1.0
+    if play == "times_1e3":
+        return {name: value * 1e3 for name, value in body.items()}, 1.0
+    if play == "noise":
+        noise = torch.Generator().manual_seed(seed)
+        return {name: torch.randn(value.shape, generator=noise) for name, value in body.items()}, 1.0
+    if play == "target":
+        return {name: torch.full_like(value, TARGET) for name, value in body.items()}, ROGUE_WEIGHT
+    if play == "nan":
+        return {name: torch.full_like(value, float("nan")) for name, value in body.items()}, 1.0
+    raise ValueError(f"unknown play {play!r} (honest, {', '.join(ATTACKS)})")

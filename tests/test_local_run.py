@@ -63,13 +63,13 @@ def test_fused_base_is_the_average_of_the_contributors(tmp_path, tiny_model_dir,
     from p2pcold import local_run
 
     captured = []
-    real_average = local_run.average
+    real_aggregate = local_run.aggregate
 
-    def spy(states, weights=None, labels=None):
+    def spy(states, weights=None, labels=None, rule=None):
         captured.extend(states)
-        return real_average(states, weights, labels)
+        return real_aggregate(states, weights, labels, rule)
 
-    monkeypatch.setattr(local_run, "average", spy)
+    monkeypatch.setattr(local_run, "aggregate", spy)
     run = run_to_end(make_config(tmp_path, tiny_model_dir, iterations=1, contributors_per_iteration=None, eval={}))
     assert len(captured) == 3
     for name, fused in run.base.items():

@@ -82,7 +82,9 @@ class SwarmPeer:
         self._refuse_a_second_peer_on_this_dataset()
         # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
         self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
-        self.averager = BodyAverager(self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0, secret=self.secret)
+        self.averager = BodyAverager(
+            self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0, secret=self.secret, aggregation=config.aggregation
+        )
         self._load_start_state()
         log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
 

@@ -21,6 +21,9 @@ needs on top of it:
   publishes its verdict on the group in the DHT, and succeeds only when every member's verdict is
   clean (`_SwarmAverager`). A failure is thus seen by the whole group, which retries together with the
   same bodies (`fuse` re-copies the untouched body) until the deadline.
+* **Robust reducers** (`robust_reduce`): each reducer fuses its parts with the run's AggregationConfig
+  rather than hivemind's mean of declared weights; a contribution holding NaN is left out (the same on
+  every reducer, so not a partial result), not a reason for the all-reduce to fail.
 * **State sharing for late joiners** (`set_shared_state` / `download_state`), with the iteration as
   hivemind's `state_sharing_priority`, so the newest donor is asked first.
 * **Members only, in a private swarm** (`secret`): the averager publishes this peer's member tag and
@@ -48,14 +51,16 @@ from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2pcold.config import SwarmConfig, validate_swarm_config
+from p2pcold.config import AggregationConfig, SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _procs
 from p2pcold.swarm import dht as swarm_dht
 from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
 from p2pcold.swarm.identity import body_schema_hash
+from p2pcold.swarm.robust_reduce import RobustAllReduceRunner, part_size_bytes
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -94,7 +99,7 @@ def make_compression(name: str) -> CompressionBase:
 
 
 class FusionStatus(str, enum.Enum):
-    OK = "ok"  # averaged with a group; `averaged` holds the weighted mean
+    OK = "ok"  # fused with a group; `averaged` holds the group's body under the run's aggregation rule
     NO_GROUP = "no_group"  # no other peer at this iteration before the deadline
     FAILED = "failed"  # a group formed, but no all-reduce attempt completed cleanly before the deadline
     ABORTED = "aborted"  # the caller's `abort` check said to stop looking (e.g. the swarm moved on)
@@ -113,7 +118,7 @@ class FusionResult:
 
     status: FusionStatus
     iteration: int
-    averaged: dict[str, torch.Tensor] | None  # the weighted mean (new tensors); None unless OK
+    averaged: dict[str, torch.Tensor] | None  # the fused body (new tensors; fusion.aggregate's rule); None unless OK
     group_size: int = 0  # peers in the group that produced `averaged` (0 unless OK)
     members: dict[str, GroupMember] = field(default_factory=dict)  # by peer id, this peer included
     total_weight: float = 0.0
@@ -164,10 +169,11 @@ class _SwarmAverager(DecentralizedAverager):
     member is seen by all of them, and they retry together.
     """
 
-    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, member_gate: MemberGate | None, **kwargs):
+    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, member_gate: MemberGate | None, aggregation: AggregationConfig, **kwargs):
         self._state_provider = state_provider
         self._swarm_config = swarm_config
         self._member_gate = member_gate
+        self._aggregation = aggregation
         self._p2pcold_parent = os.getpid()
         super().__init__(*args, **kwargs)
 
@@ -238,8 +244,8 @@ class _SwarmAverager(DecentralizedAverager):
         await self._await_clean_verdicts(key, members, until=began + verdict_wait_s(config))
 
     async def _reduce(self, tensors, group_info, group_id, **kwargs) -> None:
-        """hivemind's all-reduce, failed when it was partial on this member's side."""
-        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
+        """hivemind's all-reduce with p2pcold's reducers, failed when it was partial on this member's side."""
+        await self._robust_allreduce(tensors, group_info, group_id, **kwargs)
         running = self._running_groups.get(group_id)
         if running is None or not running.done() or running.cancelled():
             return
@@ -252,6 +258,26 @@ class _SwarmAverager(DecentralizedAverager):
                 f"partial all-reduce: {failed} of {total} values kept local (a reducer failed), "
                 f"senders excluded: {', '.join(banned) or 'none'}"
             )
+
+    async def _robust_allreduce(self, tensors, group_info, group_id, **kwargs) -> None:
+        """hivemind's `_run_allreduce_inplace_` (1.1.12) with a RobustAllReduceRunner: the reducers fuse
+        with the run's AggregationConfig (`p2pcold.fusion.aggregate_block`)."""
+        runner = RobustAllReduceRunner(
+            rule=self._aggregation,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        async for tensor, update in azip(as_aiter(*tensors), runner):
+            tensor.add_(update)  # BodyAverager never runs as an auxiliary peer, and averaging_alpha is 1
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
 
     async def _publish_verdict(self, key: str, problem: str) -> None:
         timeout = self._swarm_config.dht_request_timeout
@@ -318,6 +344,9 @@ class BodyAverager:
 
     `secret`: the run secret of a private swarm (the same one `start_dht` got): this peer's member tag
     is published, and only members may join its groups, send it parts or download its state.
+    `aggregation` (default AggregationConfig()): how the reducers fuse the group's contributions
+    (`p2pcold.fusion.aggregate_block`: capped weights, NaN left out, trimmed mean from 4 contributors);
+    every member of a run must pass the same one (it is in the run contract).
 
     The averager's background process is started in the constructor (bounded by
     `config.local_rpc_timeout`). Call `shutdown()` when done (also a context manager).
@@ -333,6 +362,7 @@ class BodyAverager:
         reference: Mapping[str, torch.Tensor] | None = None,
         client_mode: bool | None = None,
         secret: RunSecret | None = None,
+        aggregation: AggregationConfig | None = None,
     ):
         validate_swarm_config(config)
         if not template:
@@ -367,6 +397,7 @@ class BodyAverager:
         # a private swarm: this peer's tag proves its membership to the others' averagers, and its own
         # averager checks theirs (the tag is stored before the first RPC this peer makes)
         self._member_tag = None if secret is None else MemberTag(secret, self.prefix, self.peer_id)
+        compression = make_compression(config.compression)
         self._averager = _SwarmAverager(
             self._tensors,
             dht,
@@ -374,6 +405,7 @@ class BodyAverager:
             state_provider=self._current_state,
             swarm_config=config,
             member_gate=None if secret is None else MemberGate(secret, self.prefix, config.dht_request_timeout),
+            aggregation=aggregation or AggregationConfig(),
             prefix=self.prefix,
             target_group_size=config.target_group_size,
             min_group_size=config.min_group_size,
@@ -384,7 +416,8 @@ class BodyAverager:
             next_chunk_timeout=config.next_chunk_timeout,
             sender_timeout=config.next_chunk_timeout,
             reducer_timeout=2 * config.next_chunk_timeout,
-            compression=make_compression(config.compression),
+            compression=compression,
+            part_size_bytes=part_size_bytes(compression),  # parts = fusion.BLOCK_VALUES values each
             state_compression=NoCompression(),  # late joiners get the exact fused body
             allow_state_sharing=False,  # switched on by the first set_shared_state
             declare_state_period=config.state_declare_period,

@@ -97,3 +97,4 @@ def test_a_different_run_contract_names_each_field_and_both_values():
         "iterations differs: swarm has 3, you have 7",
     ]
     assert run_contract(mine)["finetune.batch_size"] == mine.finetune.batch_size and "finetune.budget" not in run_contract(mine)
+    assert run_contract(mine)["aggregation.rule"] == "auto"  # every reducer must fuse with the same rule
