@@ -11,6 +11,7 @@ import torch
 from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.finetune import Contribution, Contributor, resolve_device
 from p2pcold.run_state import RunState
+from p2pcold.scalars import ScalarLog
 from p2pcold.swarm import (
     BodyAverager,
     FusionResult,
@@ -40,6 +41,7 @@ class SwarmPeer:
         run_dir: str | Path,
         device: str | None = None,
         show_progress: bool = False,
+        log_dir: str | Path | None = None,
     ):
         self.config = config
         self.dataset = dataset
@@ -47,6 +49,7 @@ class SwarmPeer:
         self.run_dir = Path(run_dir)
         self.device = resolve_device(device)
         self.show_progress = show_progress
+        self.scalars = ScalarLog(log_dir)
         self.state: RunState | None = None
         self.dht = self.averager = self.tracker = None
         self.name = Path(dataset).stem
@@ -107,6 +110,8 @@ class SwarmPeer:
         contribution = self.contributor.contribute(self.state.body, self.state.base, self.iteration, self.device, self.show_progress)
         r = contribution.result
         self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second)
+        for tag, value in (("loss", r.train_loss), ("dev_accuracy", r.dev_accuracy), ("examples_per_second", r.examples_per_second)):
+            self.scalars.add(f"{self.name}/{tag}", value, self.iteration)
         log.info(
             "iteration %d: finetuned %s, loss %.4f, dev acc %s, %d examples at %.1f ex/s",
             self.iteration, self.name, r.train_loss, "-" if r.dev_accuracy is None else f"{r.dev_accuracy:.4f}", r.examples, r.examples_per_second,
@@ -122,6 +127,13 @@ class SwarmPeer:
         # share_result=False: the caller decides what this peer serves, and under which iteration.
         return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
 
+    def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
+        """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""
+        self.tracker.update(fusion_seconds=seconds)
+        self.scalars.add(f"{self.name}/fusion_seconds", seconds, produced)
+        self.scalars.add(f"{self.name}/group_size", group_size, produced)
+        self.scalars.flush()
+
     # ------------------------------------------------------------------ checkpoint and cleanup
 
     def save_checkpoint(self, fusion: dict | None = None) -> Path:
@@ -131,6 +143,7 @@ class SwarmPeer:
     def cleanup(self) -> None:
         """Bounded: stops the tracker's thread, the averager, the DHT node and its p2pd daemon."""
         timeout = self.config.swarm.shutdown_timeout
+        self.scalars.close()
         if self.tracker is not None:
             self.tracker.close(timeout)
         if self.averager is not None:
