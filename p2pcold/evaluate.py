@@ -161,6 +161,21 @@ class RunEvaluation:
         every = self.config.eval.every or self.config.iterations
         return iteration > self.last_iteration and (iteration % every == 0 or iteration == self.config.iterations)
 
+    def next_checkpoint(self, source: Path) -> tuple[int, Path] | None:
+        """The first complete checkpoint in the run folder `source` that is due for evaluation; None
+        until one is written. The caller keeps them until evaluated, so none is skipped however far
+        behind the evaluation falls."""
+        from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
+
+        newest = latest_checkpoint(source)
+        if newest is None:
+            return None
+        for iteration in range(self.last_iteration + 1, read_metadata(newest).iteration + 1):
+            path = checkpoint_path(source, iteration)
+            if self.is_due(iteration) and path.is_dir():
+                return iteration, path
+        return None
+
     def evaluate_pretrained(self) -> None:
         if not any(r.iteration == 0 for r in self.results):
             self.results = evaluate_and_record(self.evaluator, self.results, self.theta0, "pretrained", 0, self.folder)

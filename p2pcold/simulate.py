@@ -120,7 +120,7 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     evaluation.evaluate_pretrained()
     while evaluation.last_iteration < config.iterations:
         status("waiting", evaluation.last_iteration)
-        ready = next_to_evaluate(source, evaluation)
+        ready = evaluation.next_checkpoint(source)
         if ready is None:
             time.sleep(1.0)
             continue
@@ -131,24 +131,6 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
             if int(old.name.split("-")[1]) < iteration:
                 shutil.rmtree(old, ignore_errors=True)
     status("done", evaluation.last_iteration)
-
-
-def next_to_evaluate(source: Path, evaluation) -> tuple[int, Path] | None:
-    """The first complete checkpoint in `source` that `evaluation` is due to evaluate; None until the
-    peers have written it.
-
-    The source peer keeps all its checkpoints (simulate sets keep_checkpoints: null for it), so the
-    evaluator sees every iteration however far it falls behind."""
-    from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
-
-    newest = latest_checkpoint(source)
-    if newest is None:
-        return None
-    for iteration in range(evaluation.last_iteration + 1, read_metadata(newest).iteration + 1):
-        path = checkpoint_path(source, iteration)
-        if evaluation.is_due(iteration) and path.is_dir():
-            return iteration, path
-    return None
 
 
 # --------------------------------------------------------------------------- the simulation

@@ -9,6 +9,7 @@ simulator's evaluator's results instead (`results_from`), so nothing is evaluate
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Monitor:
         self.dht, self._owns_dht = dht, dht is None
         self.tracker = self.server = self.averager = self.state = self.evaluation = None
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._results_mtime = 0.0
         self._logged_results: set[int] = set()
         self._logged_metrics: set[tuple[str, int]] = set()  # (dataset, iteration): one point per iteration
@@ -66,8 +67,11 @@ class Monitor:
         self.tracker = SwarmTracker(self.dht, self.config.run_id, self.config.swarm)  # publishes nothing: not a peer
         if self.options.evaluate:
             self._setup_evaluation()
-        self._worker = threading.Thread(target=self._results_loop, name="p2pcold-monitor-results", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._results_loop, name="p2pcold-monitor-results", daemon=True)]
+        if self.options.evaluate:  # downloads go on while an evaluation runs: peers serve a base only while they hold it
+            self._workers.append(threading.Thread(target=self._download_loop, name="p2pcold-monitor-download", daemon=True))
+        for worker in self._workers:
+            worker.start()
         log.info("monitoring run %s at %s", self.config.run_id, self.url)
 
     def _start_dht(self):
@@ -84,7 +88,8 @@ class Monitor:
 
         if self.config.finetune.num_threads:
             torch.set_num_threads(self.config.finetune.num_threads)
-        self.state = RunState(self.config, self.folder / "bases", keep_last=1)  # θ0, and where downloads are written
+        # θ0, and the folder downloaded bases wait in until evaluated (the evaluation deletes them)
+        self.state = RunState(self.config, self.folder / "bases", keep_last=None)
         self.averager = BodyAverager(self.dht, self.config.run_id, self.state.theta0, self.config.swarm, reference=self.state.theta0, client_mode=True)
         self.evaluation = RunEvaluation(self.config, self.folder, resolve_device(self.options.device))
 
@@ -137,20 +142,34 @@ class Monitor:
             log.exception("monitor: evaluation stopped")
             self.history.set_evaluating(None)
 
+    def _download_loop(self) -> None:
+        """Download each fused base as soon as a peer reports it, into the bases folder."""
+        try:
+            while not self._stop.is_set():
+                snapshot = self.tracker.wait_for_update(self.config.swarm.poll_interval)
+                newest = max((r.iteration for r in snapshot.records if r.last_fusion), default=0)
+                if newest <= self.state.iteration:
+                    continue
+                downloaded = self.averager.download_state()
+                if downloaded is None or downloaded[0] <= self.state.iteration:
+                    continue
+                self.state.iteration, self.state.base = downloaded
+                self.state.save_checkpoint(extra={"fusion": self.history.fusion_of(downloaded[0]), "source": "downloaded from the swarm"})
+        except Exception:  # keep serving the page: the swarm view does not depend on evaluation
+            log.exception("monitor: downloads stopped")
+
     def _evaluate_newest_base(self) -> None:
-        swarm_iteration = max((r.iteration for r in self.tracker.snapshot().records), default=0)
-        if not self.evaluation.is_due(swarm_iteration):
+        bases = self.state.run_dir
+        ready = self.evaluation.next_checkpoint(bases)
+        if ready is None:
             return
-        downloaded = self.averager.download_state()
-        if downloaded is None or not self.evaluation.is_due(downloaded[0]):
-            return
-        iteration, body = downloaded
+        iteration, checkpoint = ready
         self.history.set_evaluating(iteration)
-        self.state.iteration, self.state.base = iteration, body
-        fusion = self.history.fusion_of(iteration)
-        checkpoint = self.state.save_checkpoint(extra={"fusion": fusion, "source": "downloaded from the swarm"})
         self.evaluation.evaluate_checkpoint(checkpoint, iteration)
         self._new_results()
+        for old in (bases / "checkpoints").glob("iter-*"):  # evaluated: no longer needed
+            if int(old.name.split("-")[1]) < iteration:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _read_results(self) -> None:
         path = self.options.results_from / "results.json" if self.options.results_from else None
