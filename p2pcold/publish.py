@@ -60,19 +60,33 @@ def model_card(config: RunConfig, results: Sequence[EvalResult], iteration: int,
     ])  # fmt: skip
 
 
+def why_no_upload() -> str | None:
+    """Why an upload cannot even be tried (offline mode, no token), or None."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline (HF_HUB_OFFLINE is set)"
+    if get_token() is None:
+        return "no Hugging Face token (set HF_TOKEN or run `hf auth login`)"
+    return None
+
+
 def push_to_hub(folder: Path, repo_id: str, card: str, iteration: int) -> bool:
     """Upload `folder` (a Hugging Face model folder) and its card to `repo_id`; False (one warning line)
     when the upload cannot happen."""
-    try:
-        from huggingface_hub import HfApi
+    reason = why_no_upload()
+    if reason is None:
+        try:
+            from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"p2pcold: fused base of iteration {iteration}")
-        api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, commit_message="p2pcold: model card")
-    except Exception as e:  # offline, no token, no access, a hub outage: the run goes on
-        reason = " ".join(str(e).split()) or type(e).__name__
-        log.warning("push to hub %s skipped: %s", repo_id, reason[:300])
+            api = HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"p2pcold: fused base of iteration {iteration}")
+            api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, commit_message="p2pcold: model card")
+        except Exception as e:  # no network, no access, a hub outage: the run goes on
+            reason = (" ".join(str(e).split()) or type(e).__name__)[:300]
+    if reason is not None:
+        log.warning("push to hub %s skipped: %s", repo_id, reason)
         return False
     log.info("pushed the fused base of iteration %d to https://huggingface.co/%s", iteration, repo_id)
     return True

@@ -143,8 +143,10 @@ class Monitor:
             self.history.set_evaluating(None)
 
     def _download_loop(self) -> None:
-        """Download each fused base as soon as a peer reports it, into the bases folder."""
+        """Download each fused base as soon as a peer reports it, into the bases folder. The tracker's
+        watcher record tells finished peers to keep serving the final base until it has been downloaded."""
         try:
+            self.tracker.watch(self.state.iteration)
             while not self._stop.is_set():
                 snapshot = self.tracker.wait_for_update(self.config.swarm.poll_interval)
                 newest = max((r.iteration for r in snapshot.records if r.last_fusion), default=0)
@@ -155,6 +157,7 @@ class Monitor:
                     continue
                 self.state.iteration, self.state.base = downloaded
                 self.state.save_checkpoint(extra={"fusion": self.history.fusion_of(downloaded[0]), "source": "downloaded from the swarm"})
+                self.tracker.watch(self.state.iteration)
         except Exception:  # keep serving the page: the swarm view does not depend on evaluation
             log.exception("monitor: downloads stopped")
 

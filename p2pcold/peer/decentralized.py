@@ -24,7 +24,7 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead, watchers_behind
 
 
 class DecentralizedPeer(SwarmPeer):
@@ -163,12 +163,16 @@ class DecentralizedPeer(SwarmPeer):
 
     def _serve_final_state(self) -> None:
         """Keep serving θ_N while another live peer may still need it: a straggler, or one whose last
-        boundary did not fuse (it adopts the final base instead of ending the run with its own)."""
+        boundary did not fuse (it adopts the final base instead of ending the run with its own); and while
+        a monitor that evaluates the fused bases has not downloaded it (only a fused θ_N is served)."""
         swarm = self.config.swarm
         started = time.monotonic()
         behind: tuple[str, ...] = ()
         while time.monotonic() < started + swarm.boundary_deadline:
-            behind = peers_behind(self.iteration, self.tracker.snapshot().peers)
+            snapshot = self.tracker.snapshot()
+            behind = peers_behind(self.iteration, snapshot.peers)
+            if self.averager.shared_iteration == self.iteration:
+                behind += watchers_behind(self.iteration, snapshot.watchers)
             if not behind:
                 if time.monotonic() - started > 2 * swarm.poll_interval:
                     log.info("served the final base for %.0f s until every live peer had it", time.monotonic() - started)

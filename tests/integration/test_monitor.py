@@ -130,3 +130,16 @@ def test_monitor_page_in_chromium_and_tensorboard_logs(swarm, tmp_path, tiny_mod
     for dataset in ("toy_movies", "toy_flights"):
         assert watched[f"peers/{dataset}/train_loss"] == [0, 1], watched
         assert watched[f"peers/{dataset}/group_size"] == [1, 2], watched
+
+
+@pytest.mark.timeout(180)
+def test_status_watch_refreshes_until_ctrl_c(swarm, tmp_path, tiny_model_dir):
+    config = write_run_config(tmp_path, str(tiny_model_dir), toy_recipes(tmp_path, 1))
+    maddr = swarm.bootstrap(config)
+    out = tmp_path / "watch.out"
+    watch = swarm.start("watch", "status", "--config", str(config), "--initial-peers", maddr, "--watch", "--interval", "0.2", stdout_file=out)
+    wait_for("two refreshes", lambda: out.read_text().count("run itest: no live peers") >= 2, 120, 0.2)
+    watch.send_signal(signal.SIGINT)
+    assert swarm.wait(watch, "watch", timeout=30) == 130
+    assert swarm.log("watch").strip().splitlines()[-1] == "p2pcold: interrupted" and "Traceback" not in swarm.log("watch")
+    assert "\033[2J\033[H" in out.read_text()  # each refresh redraws the screen

@@ -19,7 +19,7 @@ function renderPeers(state) {
   const body = document.querySelector("#peers tbody");
   body.replaceChildren();
   for (const p of state.peers) {
-    const boundary = p.last_fusion ? `${p.last_fusion}/${p.fusion_attempts} tries` : "-";
+    const boundary = p.last_fusion ? `${p.last_fusion}/${p.fusion_attempts} ${p.fusion_attempts === 1 ? "try" : "tries"}` : "-";
     const cells = [p.peer_id.slice(-8), p.dataset, p.iteration, p.phase, num(p.train_loss), num(p.dev_accuracy),
       num(p.examples_per_second, 1), p.last_group_size ?? "-", boundary, `${Math.max(0, state.now - p.last_seen).toFixed(0)} s ago`];
     const row = el("tr", { "data-dataset": p.dataset, "data-iteration": p.iteration, class: p.live ? "live" : "gone" });
@@ -44,14 +44,14 @@ function renderBoundaries(state) {
 }
 
 // A line chart: series = [{name, points: [[x, y], ...], dashed, step, marks}]
-function chart(id, series, { xTime = false, integerX = false, yLabel = "" } = {}) {
+function chart(id, series, { xTime = false, integerX = false, integerY = false } = {}) {
   const box = document.getElementById(id);
   const shown = series.filter((s) => s.points.length);
   if (!shown.length) {
     box.replaceChildren(el("div", { class: "empty" }, "no data yet"));
     return;
   }
-  const W = 560, H = 230, L = 52, R = 120, T = 10, B = 28;
+  const W = 560, H = 230, L = 52, R = 130, T = 10, B = 28;
   const xs = shown.flatMap((s) => s.points.map((p) => p[0]));
   const ys = shown.flatMap((s) => s.points.map((p) => p[1]));
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
@@ -61,17 +61,17 @@ function chart(id, series, { xTime = false, integerX = false, yLabel = "" } = {}
   const X = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + ((y1 - y0) * i) / 4;
+  const yticks = integerY ? Array.from({ length: Math.floor(y1) - Math.ceil(y0) + 1 }, (_, i) => Math.ceil(y0) + i)
+    : [0, 1, 2, 3, 4].map((i) => y0 + ((y1 - y0) * i) / 4);
+  for (const y of yticks) {
     svg.appendChild(el("svg:line", { x1: L, x2: W - R, y1: Y(y), y2: Y(y), class: "grid" }));
-    svg.appendChild(el("svg:text", { x: L - 4, y: Y(y) + 3, "text-anchor": "end", class: "tick" }, Math.abs(y) >= 100 ? y.toFixed(0) : y.toFixed(3)));
+    svg.appendChild(el("svg:text", { x: L - 4, y: Y(y) + 3, "text-anchor": "end", class: "tick" }, integerY || Math.abs(y) >= 100 ? y.toFixed(0) : y.toFixed(2)));
   }
   const xticks = integerX ? Array.from({ length: x1 - x0 + 1 }, (_, i) => x0 + i).filter((_, i, a) => a.length <= 12 || i % Math.ceil(a.length / 12) === 0)
     : [0, 1, 2, 3].map((i) => x0 + ((x1 - x0) * i) / 3);
   for (const x of xticks) svg.appendChild(el("svg:text", { x: X(x), y: H - 10, "text-anchor": "middle", class: "tick" }, xTime ? clock(x) : String(x)));
   svg.appendChild(el("svg:line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
   svg.appendChild(el("svg:line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
-  svg.appendChild(el("svg:text", { x: 10, y: T + 8, class: "tick" }, yLabel));
   shown.forEach((s, i) => {
     const color = s.color || COLORS[i % COLORS.length];
     let d = "";
@@ -98,7 +98,7 @@ function perPeer(state, field) {
 }
 
 function renderCharts(state) {
-  chart("timeline", perPeer(state, "iteration").map((s) => ({ ...s, step: true })), { xTime: true, yLabel: "iteration" });
+  chart("timeline", perPeer(state, "iteration").map((s) => ({ ...s, step: true })), { xTime: true, integerY: true });
   const curves = [];
   const names = { cold: "CoLD", frozen: "Frozen" };
   Object.entries(state.accuracy).forEach(([mode, curve], i) => {
@@ -106,12 +106,12 @@ function renderCharts(state) {
     curves.push({ name: names[mode] || mode, points: curve.points, marks: true, color });
     if (curve.pretrained !== null && curve.points.length) {
       const last = curve.points[curve.points.length - 1][0];
-      curves.push({ name: `pretrained (${names[mode] || mode})`, points: [[0, curve.pretrained], [Math.max(1, last), curve.pretrained]], dashed: true, color });
+      curves.push({ name: `${names[mode] || mode} at θ0`, points: [[0, curve.pretrained], [Math.max(1, last), curve.pretrained]], dashed: true, color });
     }
   });
-  chart("accuracy", curves, { integerX: true, yLabel: "mean test acc" });
-  chart("loss", perPeer(state, "train_loss"), { xTime: true, yLabel: "loss" });
-  chart("speed", perPeer(state, "examples_per_second"), { xTime: true, yLabel: "ex/s" });
+  chart("accuracy", curves, { integerX: true });
+  chart("loss", perPeer(state, "train_loss"), { xTime: true });
+  chart("speed", perPeer(state, "examples_per_second"), { xTime: true });
 }
 
 async function refresh() {
