@@ -38,6 +38,17 @@ class MonitorOptions:
     device: str = "cpu"  # of the evaluation
 
 
+def finetuned_iteration(record: dict) -> int | None:
+    """The iteration a progress record's metrics come from: a peer publishes them when it finishes
+    finetuning θ_i and keeps them until it finishes the next one. At the boundary (`averaging`, or
+    centralized `ready`) that is its iteration; once it holds θ_{i+1} (finetuning it, downloading,
+    done), the one before. None before its first finetuning."""
+    if record["train_loss"] is None:
+        return None
+    at_boundary = record["phase"] in ("averaging", "ready")
+    return record["iteration"] if at_boundary else record["iteration"] - 1 if record["iteration"] > 0 else None
+
+
 class Monitor:
     def __init__(self, config: RunConfig, initial_peers: list[str], folder: str | Path, options: MonitorOptions, dht=None):
         if options.evaluate and not config.eval.datasets:
@@ -107,12 +118,11 @@ class Monitor:
 
     def _log_peer(self, record: dict, boundary: dict | None) -> None:
         name, iteration = record["dataset"], record["iteration"]
-        # a peer's metrics are this iteration's once it waits at the boundary (decentralized: averaging,
-        # centralized: ready); while finetuning, its record still carries the previous iteration's
-        if record["phase"] in ("averaging", "ready") and record["train_loss"] is not None and (name, iteration) not in self._logged_metrics:
-            self._logged_metrics.add((name, iteration))
+        step = finetuned_iteration(record)
+        if step is not None and (name, step) not in self._logged_metrics:  # one point per iteration
+            self._logged_metrics.add((name, step))
             for tag in ("train_loss", "dev_accuracy", "examples_per_second"):
-                self.scalars.add(f"peers/{name}/{tag}", record[tag], iteration)
+                self.scalars.add(f"peers/{name}/{tag}", record[tag], step)
         if boundary is not None:
             self.scalars.add(f"peers/{name}/fusion_seconds", boundary["seconds"], iteration)
             self.scalars.add(f"peers/{name}/group_size", boundary["group_size"], iteration)
@@ -216,6 +226,10 @@ class Monitor:
         evaluation in progress is abandoned (its thread is a daemon); finished results are on disk."""
         self._stop.set()
         timeout = self.config.swarm.shutdown_timeout
+        for worker in self._workers:
+            worker.join(timeout)
+        if self.options.results_from is not None and not any(w.is_alive() for w in self._workers):
+            self._read_results()  # the evaluator's last rows may have come after the last poll
         if self.server is not None:
             self.server.close()
         if self.tracker is not None:

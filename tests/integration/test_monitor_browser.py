@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from swarm_cli import toy_recipes, write_run_config
+from swarm_cli import scalars, toy_recipes, write_run_config
 
 pytestmark = [pytest.mark.network]
 
@@ -57,19 +57,6 @@ def accuracy_points(driver) -> list[int]:
     return driver.execute_script(
         "return [...document.querySelectorAll('#accuracy circle[data-series=\"CoLD\"]')].map(c => Number(c.dataset.iteration))"
     )
-
-
-def scalars(log_dir: Path) -> dict[str, list[int]]:
-    """tag -> steps, as TensorBoard's own event reader sees them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[int]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            found[tag] = sorted({e.step for e in accumulator.Scalars(tag)})
-    return found
 
 
 @pytest.mark.timeout(300)
