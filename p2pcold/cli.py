@@ -297,8 +297,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         monitor.setup()
         print(f"monitor of run {config.run_id}: {monitor.url}", flush=True)
         monitor.run()
-    except Terminated:
-        log.info("terminated; stopping the monitor")
+    except (Terminated, KeyboardInterrupt):
+        log.info("stopping the monitor")
         return 0  # watching until stopped is its job, as for `bootstrap`
     finally:
         monitor.cleanup()
