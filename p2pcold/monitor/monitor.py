@@ -20,6 +20,7 @@ from p2pcold.monitor.history import SwarmHistory
 from p2pcold.monitor.server import MonitorServer
 from p2pcold.publish import model_card, push_to_hub
 from p2pcold.results import read_results
+from p2pcold.run_folder import check_output_dir
 from p2pcold.scalars import ScalarLog
 from p2pcold.swarm import SwarmTracker, start_dht, stop_dht
 from p2pcold.utils import P2PColdError, get_logger
@@ -71,6 +72,7 @@ class Monitor:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        check_output_dir(self.folder)  # before the swarm is joined: results that cannot be written are lost
         self.folder.mkdir(parents=True, exist_ok=True)
         self.server = MonitorServer(self.options.host, self.options.port, self._view)  # a taken port fails before the swarm is joined
         if self._owns_dht:
