@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -175,6 +175,21 @@ class RunEvaluation:
             if self.is_due(iteration) and path.is_dir():
                 return iteration, path
         return None
+
+    def evaluate_next(self, source: Path, starting: Callable[[int], None] = lambda iteration: None) -> int | None:
+        """Evaluate the next due checkpoint of the run folder `source` (`starting(iteration)` first), then
+        delete the older checkpoints there, which only the evaluation needed. Its iteration, or None
+        when none is ready yet."""
+        ready = self.next_checkpoint(source)
+        if ready is None:
+            return None
+        iteration, checkpoint = ready
+        starting(iteration)
+        self.evaluate_checkpoint(checkpoint, iteration)
+        for old in (Path(source) / "checkpoints").glob("iter-*"):
+            if int(old.name.split("-")[1]) < iteration:
+                shutil.rmtree(old, ignore_errors=True)
+        return iteration
 
     def evaluate_pretrained(self) -> None:
         if not any(r.iteration == 0 for r in self.results):

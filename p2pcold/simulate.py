@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -120,16 +119,9 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     evaluation.evaluate_pretrained()
     while evaluation.last_iteration < config.iterations:
         status("waiting", evaluation.last_iteration)
-        ready = evaluation.next_checkpoint(source)
-        if ready is None:
+        # the source peer keeps its checkpoints (keep_checkpoints: null) until evaluated: none is skipped
+        if evaluation.evaluate_next(source, starting=lambda iteration: status("evaluating", iteration)) is None:
             time.sleep(1.0)
-            continue
-        iteration, checkpoint = ready
-        status("evaluating", iteration)
-        evaluation.evaluate_checkpoint(checkpoint, iteration)
-        for old in (source / "checkpoints").glob("iter-*"):  # evaluated: the source peer no longer needs them
-            if int(old.name.split("-")[1]) < iteration:
-                shutil.rmtree(old, ignore_errors=True)
     status("done", evaluation.last_iteration)
 
 

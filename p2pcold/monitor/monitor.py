@@ -9,7 +9,6 @@ simulator's evaluator's results instead (`results_from`), so nothing is evaluate
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -174,17 +173,8 @@ class Monitor:
             log.exception("monitor: downloads stopped")
 
     def _evaluate_newest_base(self) -> None:
-        bases = self.state.run_dir
-        ready = self.evaluation.next_checkpoint(bases)
-        if ready is None:
-            return
-        iteration, checkpoint = ready
-        self.history.set_evaluating(iteration)
-        self.evaluation.evaluate_checkpoint(checkpoint, iteration)
-        self._new_results()
-        for old in (bases / "checkpoints").glob("iter-*"):  # evaluated: no longer needed
-            if int(old.name.split("-")[1]) < iteration:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.evaluation.evaluate_next(self.state.run_dir, starting=self.history.set_evaluating) is not None:
+            self._new_results()
 
     def _read_results(self) -> None:
         path = self.options.results_from / "results.json" if self.options.results_from else None
