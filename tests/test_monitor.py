@@ -54,16 +54,6 @@ def test_accuracy_curves_average_the_targets_per_iteration_against_the_pretraine
     }
 
 
-@pytest.mark.parametrize(
-    "iteration, phase, loss, finetuned",
-    [(0, "finetuning", None, None), (0, "averaging", 0.5, 0), (1, "downloading", 0.5, 0), (1, "finetuning", 0.5, 0), (1, "averaging", 0.4, 1), (2, "done", 0.4, 1), (1, "ready", 0.4, 1)],
-)
-def test_a_records_metrics_belong_to_the_iteration_it_last_finetuned(iteration, phase, loss, finetuned):
-    from p2pcold.monitor.monitor import finetuned_iteration
-
-    assert finetuned_iteration({"iteration": iteration, "phase": phase, "train_loss": loss}) == finetuned
-
-
 def test_server_serves_the_page_its_assets_and_the_api_on_loopback_only():
     server = MonitorServer("127.0.0.1", 0, lambda: {"run_id": "r", "peers": []})
     try:

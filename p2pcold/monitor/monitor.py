@@ -38,17 +38,6 @@ class MonitorOptions:
     device: str = "cpu"  # of the evaluation
 
 
-def finetuned_iteration(record: dict) -> int | None:
-    """The iteration a progress record's metrics come from: a peer publishes them when it finishes
-    finetuning θ_i and keeps them until it finishes the next one. At the boundary (`averaging`, or
-    centralized `ready`) that is its iteration; once it holds θ_{i+1} (finetuning it, downloading,
-    done), the one before. None before its first finetuning."""
-    if record["train_loss"] is None:
-        return None
-    at_boundary = record["phase"] in ("averaging", "ready")
-    return record["iteration"] if at_boundary else record["iteration"] - 1 if record["iteration"] > 0 else None
-
-
 class Monitor:
     def __init__(self, config: RunConfig, initial_peers: list[str], folder: str | Path, options: MonitorOptions, dht=None):
         if options.evaluate and not config.eval.datasets:
@@ -119,7 +108,7 @@ class Monitor:
 
     def _log_peer(self, record: dict, boundary: dict | None) -> None:
         name, iteration = record["dataset"], record["iteration"]
-        step = finetuned_iteration(record)
+        step = record.get("trained_iteration")  # the iteration the metrics come from (None in older records)
         if step is not None and (name, step) not in self._logged_metrics:  # one point per iteration
             self._logged_metrics.add((name, step))
             for tag in ("train_loss", "dev_accuracy", "examples_per_second"):

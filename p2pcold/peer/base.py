@@ -109,7 +109,7 @@ class SwarmPeer:
         self.tracker.update(phase=Phase.FINETUNING, iteration=self.iteration)
         contribution = self.contributor.contribute(self.state.body, self.state.base, self.iteration, self.device, self.show_progress)
         r = contribution.result
-        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second)
+        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second, trained_iteration=self.iteration)
         for tag, value in (("loss", r.train_loss), ("dev_accuracy", r.dev_accuracy), ("examples_per_second", r.examples_per_second)):
             self.scalars.add(f"{self.name}/{tag}", value, self.iteration)
         log.info(

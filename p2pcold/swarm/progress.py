@@ -64,6 +64,7 @@ class PeerProgress:
     fusion_attempts: int = 0  # all-reduce attempts made at the last boundary
     fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
     fusion_seconds: float | None = None  # how long the last boundary took (waiting for peers and all-reduce)
+    trained_iteration: int | None = None  # the iteration whose finetuning gave train_loss, dev_accuracy, examples_per_second
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
