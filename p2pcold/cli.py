@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _swarm_run_config(args: argparse.Namespace):
-    if args.command in ("peer", "status") and not args.initial_peers:
+    if args.command in ("peer", "status", "monitor") and not args.initial_peers:
         raise P2PColdError(
             f"{args.command}: --initial-peers is required: the multiaddr of a bootstrap node or of any peer of the run "
             "(`p2pcold bootstrap` prints it)"
@@ -175,7 +175,9 @@ def cmd_peer(args: argparse.Namespace) -> int:
     secret = load_secret(args.secret_file)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     protocol = CentralizedPeer if args.centralized else DecentralizedPeer
-    peer = protocol(config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress, secret=secret)
+    peer = protocol(
+        config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress, secret=secret, log_dir=args.log_dir
+    )
     raise_on_sigterm()
     try:
         peer.setup()
@@ -227,6 +229,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
+    if args.watch and args.json:
+        raise P2PColdError("status: --watch refreshes the table; it does not combine with --json")
+    if not args.interval > 0:
+        raise P2PColdError(f"status: --interval {args.interval}: must be greater than 0")
 
     from p2pcold.swarm import read_progress, start_dht, stop_dht
     from p2pcold.swarm.auth import load_secret
@@ -234,16 +240,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=load_secret(args.secret_file))
     try:
         records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+            return 0
+        if not args.watch:
+            print(status_table(config.run_id, records, time.time()))
+            return 0
+        raise_on_sigterm()
+        while True:  # until Ctrl-C (exit 130) or SIGTERM; each read is bounded by dht_request_timeout
+            # clear the screen and home the cursor (ANSI), then the whole table at once: no flicker
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + status_table(config.run_id, records, time.time()), flush=True)
+            time.sleep(args.interval)
+            try:
+                records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+            except P2PColdError as e:
+                log.warning("status not refreshed, showing the last one: %s", e)
     finally:
         stop_dht(dht, grace_s=config.swarm.shutdown_timeout)
+
+
+def status_table(run_id: str, records, now: float) -> str:
+    """The swarm's live peers as aligned text, one row per progress record."""
     rows = [dataclasses.asdict(r) for r in records]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
     if not rows:
-        print(f"run {config.run_id}: no live peers")
-        return 0
-    now = time.time()
+        return f"run {run_id}: no live peers"
     header = ["peer", "dataset", "iteration", "phase", "loss", "dev acc", "ex/s", "group", "last boundary", "last seen"]
     table = [header] + [
         [
@@ -251,11 +271,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             _num(r["examples_per_second"], 1), "-" if r["last_group_size"] is None else str(r["last_group_size"]), _boundary_cell(r), f"{now - r['last_seen']:.0f} s ago",
         ]
         for r in rows
-    ]
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print(f"run {config.run_id}: {len(rows)} live peer(s)")
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
-    return 0
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join([f"run {run_id}: {len(rows)} live peer(s)", *lines])
 
 
 def _boundary_cell(record: dict) -> str:
@@ -268,6 +287,32 @@ def _boundary_cell(record: dict) -> str:
 
 def _num(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)
+    if not 0 <= args.web_port <= 65535:
+        raise P2PColdError(f"monitor: --port {args.web_port}: must be between 0 and 65535")
+
+    from p2pcold.monitor import Monitor, MonitorOptions
+    from p2pcold.swarm.auth import load_secret
+
+    secret = load_secret(args.secret_file)
+    options = MonitorOptions(
+        host=args.web_host, port=args.web_port, evaluate=args.evaluate, log_dir=args.log_dir, push_to_hub=args.push_to_hub, device=args.device
+    )
+    monitor = Monitor(config, args.initial_peers, args.output or f"runs/monitor-{config.run_id}", options, secret=secret)
+    raise_on_sigterm()
+    try:
+        monitor.setup()
+        print(f"monitor of run {config.run_id}: {monitor.url}", flush=True)
+        monitor.run()
+    except (Terminated, KeyboardInterrupt):
+        log.info("stopping the monitor")
+        return 0  # watching until stopped is its job, as for `bootstrap`
+    finally:
+        monitor.cleanup()
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -295,6 +340,10 @@ def add_secret_option(parser: argparse.ArgumentParser, default: str = "(default:
         "--secret-file", metavar="FILE",
         help=f"the run secret of a private swarm, in a file only you can read (chmod 600) {default}",
     )  # fmt: skip
+
+
+def add_log_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-dir", help="write TensorBoard event files here (loss, dev accuracy, examples/s, fusion time, group size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--centralized", action="store_true", help="follow a Repository (p2pcold bootstrap --repository)")
     peer.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     peer.add_argument("--progress", action="store_true", help="show a finetuning progress bar")
+    add_log_dir_option(peer)
     peer.set_defaults(func=cmd_peer)
 
     bootstrap = sub.add_parser(
@@ -372,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the swarm's live peers and their progress")
     swarm_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="refresh the table until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     status.set_defaults(func=cmd_status)
 
     simulate = sub.add_parser(
@@ -391,8 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
     simulate.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
     add_secret_option(simulate, "(default: a fresh one for each run)")
+    simulate.add_argument("--monitor-port", type=int, default=0, help="port of the monitor's web page (default: a free one)")
+    simulate.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the best fused base with a model card after each evaluation")
+    add_log_dir_option(simulate)
     add_set_option(simulate, "finetune.budget.steps=20")
     simulate.set_defaults(func=cmd_simulate)
+
+    monitor = sub.add_parser(
+        "monitor",
+        help="watch a swarm: a web page and JSON API of its peers, boundaries and accuracy",
+        description="Joins the swarm as a client that never trains, keeps the peers' history and every boundary's "
+        "fusion, and serves a self-refreshing page (and /api/state). With --evaluate it downloads and evaluates each "
+        "new fused base with the run's eval settings. Stops cleanly on SIGTERM or Ctrl-C.",
+    )
+    swarm_options(monitor)
+    # dest: not `port`/`host`, which set the swarm's own listen address in _swarm_run_config
+    monitor.add_argument("--port", dest="web_port", type=int, default=8080, help="web page port (default 8080; 0: a free one)")
+    monitor.add_argument("--host", dest="web_host", default="127.0.0.1", help="interface of the web page (default 127.0.0.1; 0.0.0.0 shows it to everyone)")
+    monitor.add_argument("--evaluate", action="store_true", help="evaluate each new fused base (needs eval.datasets in --config)")
+    monitor.add_argument("--output", help="results, plots and evaluated bases (default: runs/monitor-RUN_ID)")
+    monitor.add_argument("--device", default="auto", help="of the evaluation: cpu, cuda, cuda:N or auto (default)")
+    monitor.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the best evaluated base with a model card")
+    add_log_dir_option(monitor)
+    monitor.set_defaults(func=cmd_monitor)
 
     config = sub.add_parser("config", help="show a run config with every default filled in")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -11,18 +11,19 @@ is frozen, so this is the same optimisation as running the body every step, and 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from p2pcold.config import EvalConfig, load_dataset_spec
+from p2pcold.config import EvalConfig, RunConfig, load_dataset_spec
 from p2pcold.data import PreparedDataset, few_shot, make_loader, prepare_dataset
 from p2pcold.finetune import accuracy, finetune
 from p2pcold.model import Classifier, hidden_size, load_body_state, new_head
 from p2pcold.results import EvalResult, write_results_and_plots
-from p2pcold.utils import derive_seed, get_logger
+from p2pcold.utils import atomic_directory, derive_seed, get_logger
 
 log = get_logger("evaluate")
 
@@ -129,3 +130,93 @@ def evaluate_and_record(
     results = [r for r in results if r.iteration != iteration] + rows
     write_results_and_plots(results, folder)
     return results
+
+
+class RunEvaluation:
+    """A run's evaluation: θ0, then each fused base, kept in `folder` as results.csv / results.json, the
+    plots, `checkpoints/last` and (with `simulate.keep_best`) `checkpoints/best`.
+
+    One evaluator, two callers: the simulator's evaluator process (bases from a peer's run folder) and
+    `p2pcold monitor --evaluate` (bases downloaded from the swarm). Resumes from folder/results.json."""
+
+    def __init__(self, config: RunConfig, folder: str | Path, device: torch.device):
+        from p2pcold.model import body_state, load_body, load_tokenizer
+        from p2pcold.results import read_results
+
+        self.config = config
+        self.folder = Path(folder)
+        path = self.folder / "results.json"
+        self.results: list[EvalResult] = read_results(path) if path.is_file() else []
+        seen = {load_dataset_spec(d).name for d in config.datasets}
+        body = load_body(config.model, config.num_hidden_layers)
+        self.theta0 = body_state(body)  # before the evaluator loads bases into its working body
+        self.evaluator = Evaluator(config.eval, load_tokenizer(config.model), body, config.seed, device, seen)
+
+    @property
+    def last_iteration(self) -> int:
+        return max((r.iteration for r in self.results), default=0)
+
+    def is_due(self, iteration: int) -> bool:
+        """Evaluated: every `eval.every` iterations, and the run's last one."""
+        every = self.config.eval.every or self.config.iterations
+        return iteration > self.last_iteration and (iteration % every == 0 or iteration == self.config.iterations)
+
+    def next_checkpoint(self, source: Path) -> tuple[int, Path] | None:
+        """The first complete checkpoint in the run folder `source` that is due for evaluation; None
+        until one is written. The caller keeps them until evaluated, so none is skipped however far
+        behind the evaluation falls."""
+        from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
+
+        newest = latest_checkpoint(source)
+        if newest is None:
+            return None
+        for iteration in range(self.last_iteration + 1, read_metadata(newest).iteration + 1):
+            path = checkpoint_path(source, iteration)
+            if self.is_due(iteration) and path.is_dir():
+                return iteration, path
+        return None
+
+    def evaluate_next(self, source: Path, starting: Callable[[int], None] = lambda iteration: None) -> int | None:
+        """Evaluate the next due checkpoint of the run folder `source` (`starting(iteration)` first), then
+        delete the older checkpoints there, which only the evaluation needed. Its iteration, or None
+        when none is ready yet."""
+        ready = self.next_checkpoint(source)
+        if ready is None:
+            return None
+        iteration, checkpoint = ready
+        starting(iteration)
+        self.evaluate_checkpoint(checkpoint, iteration)
+        for old in (Path(source) / "checkpoints").glob("iter-*"):
+            if int(old.name.split("-")[1]) < iteration:
+                shutil.rmtree(old, ignore_errors=True)
+        return iteration
+
+    def evaluate_pretrained(self) -> None:
+        if not any(r.iteration == 0 for r in self.results):
+            self.results = evaluate_and_record(self.evaluator, self.results, self.theta0, "pretrained", 0, self.folder)
+
+    def evaluate_checkpoint(self, checkpoint: Path, iteration: int) -> None:
+        """Copy the fused base to checkpoints/last, evaluate it, and keep it as checkpoints/best when best."""
+        from p2pcold.model import body_state, load_body, read_metadata
+
+        last = self.folder / "checkpoints" / "last"
+        copy_checkpoint(checkpoint, last)
+        fusion = read_metadata(last).extra.get("fusion")
+        self.results = evaluate_and_record(self.evaluator, self.results, body_state(load_body(str(last))), "fused", iteration, self.folder, fusion)
+        if self.config.simulate.keep_best and best_iteration(self.results) == iteration:
+            copy_checkpoint(last, self.folder / "checkpoints" / "best")
+
+
+def best_iteration(results: Sequence[EvalResult]) -> int:
+    """The iteration with the best mean accuracy in the first mode (the later one on a tie)."""
+    by_iteration: dict[int, list[float]] = {}
+    for r in results:
+        if r.mode == results[0].mode:
+            by_iteration.setdefault(r.iteration, []).append(r.accuracy)
+    return max(by_iteration, key=lambda i: (sum(by_iteration[i]) / len(by_iteration[i]), i))
+
+
+def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
+    with atomic_directory(destination) as tmp:
+        for item in checkpoint.iterdir():
+            shutil.copy2(item, tmp / item.name)

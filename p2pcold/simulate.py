@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -40,13 +40,15 @@ from p2pcold.utils import (
     EXIT_TERMINATED,
     P2PColdError,
     Terminated,
-    atomic_directory,
     atomic_write_bytes,
     atomic_write_json,
     get_logger,
     raise_on_sigterm,
     read_json,
 )
+
+if TYPE_CHECKING:  # the evaluator process imports this module: it needs neither hivemind nor the monitor
+    from p2pcold.monitor import Monitor, MonitorOptions
 
 log = get_logger("simulate")
 
@@ -101,84 +103,26 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
     iteration in order, however far behind the peers it is, and then deletes the source peer's
     older checkpoints, which only the evaluator needed.
     """
-    from p2pcold.evaluate import Evaluator, evaluate_and_record
+    from p2pcold.evaluate import RunEvaluation
     from p2pcold.finetune import resolve_device
-    from p2pcold.model import body_state, load_body, load_tokenizer, read_metadata
-    from p2pcold.results import read_results
 
     torch.set_num_threads(threads)
     config = load_run_config(run_dir / "config.yaml")
     if not config.eval.datasets:
         return
-    results = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else []
-    seen = {load_dataset_spec(d).name for d in config.datasets}
-    tokenizer = load_tokenizer(config.model)
-    body = load_body(config.model, config.num_hidden_layers)
-    theta0 = body_state(body)  # before the evaluator loads bases into its working body
-    evaluator = Evaluator(config.eval, tokenizer, body, config.seed, resolve_device(device), seen)
+    evaluation = RunEvaluation(config, run_dir, resolve_device(device))
 
     def status(phase: str, iteration: int) -> None:
         atomic_write_json(run_dir / "evaluator.json", {"phase": phase, "iteration": iteration, "time": time.time()})
 
-    def record(base, label: str, iteration: int, fusion: dict | None = None) -> None:
-        nonlocal results
-        status("evaluating", iteration)
-        results = evaluate_and_record(evaluator, results, base, label, iteration, run_dir, fusion)
-        if iteration > 0 and config.simulate.keep_best and best_iteration(results) == iteration:
-            copy_checkpoint(last_copy, run_dir / "checkpoints" / "best")
-
-    last_copy = run_dir / "checkpoints" / "last"
-    done = {r.iteration for r in results}
-    if 0 not in done:
-        record(theta0, "pretrained", 0)
-    last = max(done | {0})
-    every = config.eval.every or config.iterations
-    while last < config.iterations:
-        status("waiting", last)
-        ready = next_to_evaluate(source, last, every, config.iterations)
-        if ready is None:
+    status("evaluating", 0)
+    evaluation.evaluate_pretrained()
+    while evaluation.last_iteration < config.iterations:
+        status("waiting", evaluation.last_iteration)
+        # the source peer keeps its checkpoints (keep_checkpoints: null) until evaluated: none is skipped
+        if evaluation.evaluate_next(source, starting=lambda iteration: status("evaluating", iteration)) is None:
             time.sleep(1.0)
-            continue
-        iteration, checkpoint = ready
-        copy_checkpoint(checkpoint, last_copy)
-        record(body_state(load_body(str(last_copy))), "fused", iteration, read_metadata(last_copy).extra.get("fusion"))
-        last = iteration
-        for old in (source / "checkpoints").glob("iter-*"):  # evaluated: the source peer no longer needs them
-            if int(old.name.split("-")[1]) < iteration:
-                shutil.rmtree(old, ignore_errors=True)
-    status("done", last)
-
-
-def next_to_evaluate(source: Path, after: int, every: int, final: int) -> tuple[int, Path] | None:
-    """The first complete checkpoint in `source` after iteration `after` that is due for evaluation
-    (every `every` iterations, and the final one); None until the peers have written it.
-
-    The source peer keeps all its checkpoints (simulate sets keep_checkpoints: null for it), so the
-    evaluator sees every iteration however far it falls behind."""
-    from p2pcold.model import checkpoint_path, latest_checkpoint, read_metadata
-
-    newest = latest_checkpoint(source)
-    if newest is None:
-        return None
-    for iteration in range(after + 1, read_metadata(newest).iteration + 1):
-        path = checkpoint_path(source, iteration)
-        if (iteration % every == 0 or iteration == final) and path.is_dir():
-            return iteration, path
-    return None
-
-
-def best_iteration(results) -> int:
-    by_iteration: dict[int, list[float]] = {}
-    for r in results:
-        if r.mode == results[0].mode:
-            by_iteration.setdefault(r.iteration, []).append(r.accuracy)
-    return max(by_iteration, key=lambda i: (mean(by_iteration[i]), i))
-
-
-def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
-    with atomic_directory(destination) as tmp:
-        for item in checkpoint.iterdir():
-            shutil.copy2(item, tmp / item.name)
+    status("done", evaluation.last_iteration)
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -187,7 +131,9 @@ def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
 class Simulation:
     """setup() -> run() -> stop(): a bootstrap, N peers and an evaluator, each in its own session."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, plans: list[PeerPlan], eval_device: str, secret_env: dict[str, str]):
+    def __init__(self, config: RunConfig, run_dir: Path, plans: list[PeerPlan], eval_device: str, secret_env: dict[str, str], monitor: MonitorOptions | None = None):
+        from p2pcold.monitor import MonitorOptions
+
         self.config = config
         self.secret_env = secret_env  # how every process of the run finds its secret (see secret_environment)
         self.run_dir = run_dir
@@ -196,6 +142,10 @@ class Simulation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.started = time.monotonic()
         self.dht = None
+        # the run's monitor shows the evaluator's results (results_from) instead of evaluating again
+        self.monitor_options = dataclasses.replace(monitor or MonitorOptions(port=0), evaluate=False, results_from=run_dir)
+        self.monitor: Monitor | None = None
+        self._monitor_thread: threading.Thread | None = None
         self.progress: dict[str, tuple[int, str]] = {}  # last known (iteration, phase) per dataset
 
     @property
@@ -232,6 +182,7 @@ class Simulation:
                 raise P2PColdError(f"simulate: the bootstrap node did not start; see {self.run_dir / 'logs' / 'bootstrap.log'}")
             time.sleep(0.2)
         self.maddr = maddrs.read_text().split()[0]
+        self._start_monitor()
         self._start(EVALUATOR, ["-m", "p2pcold.simulate", "evaluate-loop", str(self.run_dir), str(self.fused_source), "--device", self.eval_device, "--threads", str(self.plans[0].threads)])
         for plan in self.plans:
             args = ["-m", "p2pcold.cli", "peer", "--config", config_path, "--dataset", plan.dataset, "--initial-peers", self.maddr]
@@ -240,25 +191,34 @@ class Simulation:
                 args += ["--set", "keep_checkpoints=null"]
             if self.centralized:
                 args.append("--centralized")
+            if self.monitor_options.log_dir:
+                args += ["--log-dir", str(Path(self.monitor_options.log_dir) / plan.name)]
             self._start(plan.name, args)
         log.info("started a bootstrap, %d peers and the evaluator; logs in %s", len(self.plans), self.run_dir / "logs")
 
     # ------------------------------------------------------------------ monitoring
 
-    def _refresh_progress(self) -> dict[str, tuple[int, str]]:
-        """dataset -> (iteration, phase), from the swarm's progress records; a peer whose record
-        expired (it finished or died) keeps its last known state."""
-        from p2pcold.swarm import read_progress, start_dht
+    def _start_monitor(self) -> None:
+        """The run's monitor, in this process, on this process's one client DHT node."""
+        from p2pcold.monitor import Monitor
+        from p2pcold.swarm import start_dht
         from p2pcold.swarm.auth import load_secret
 
-        try:
-            if self.dht is None:
-                secret = load_secret(environ=self.secret_env)
-                self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True, secret=secret)
-            records = read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)
-            self.progress.update({p.dataset: (p.iteration, p.phase) for p in records})
-        except P2PColdError as e:
-            log.debug("progress not available: %s", e)
+        self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True, secret=load_secret(environ=self.secret_env))
+        options = self.monitor_options
+        if options.log_dir:
+            options = dataclasses.replace(options, log_dir=str(Path(options.log_dir) / "monitor"))
+        self.monitor = Monitor(self.config, [self.maddr], self.run_dir, options, dht=self.dht)
+        self.monitor.setup()
+        self._monitor_thread = threading.Thread(target=self.monitor.run, name="p2pcold-monitor", daemon=True)
+        self._monitor_thread.start()
+        print(f"monitor: {self.monitor.url}", flush=True)
+
+    def _refresh_progress(self) -> dict[str, tuple[int, str]]:
+        """dataset -> (iteration, phase), from the monitor's view of the swarm; a peer whose record
+        expired (it finished or died) keeps its last known state."""
+        if self.monitor is not None:
+            self.progress.update({p.dataset: (p.iteration, p.phase) for p in self.monitor.tracker.snapshot().peers})
         return self.progress
 
     def status_line(self, progress: dict[str, tuple[int, str]]) -> str:
@@ -305,6 +265,9 @@ class Simulation:
     def _stop_all(self) -> None:
         from p2pcold.swarm import stop_dht
 
+        if self.monitor is not None:
+            self.monitor.cleanup()
+            self.monitor = None
         if self.dht is not None:
             stop_dht(self.dht, grace_s=self.config.swarm.shutdown_timeout)
             self.dht = None
@@ -412,7 +375,10 @@ def simulate(args: argparse.Namespace, overrides: dict) -> int:
     for plan in plans:
         print(f"  {plan.name}: {plan.dataset} on {plan.device}, {plan.threads} thread(s)")
     print("  a private swarm: its processes get the run secret through their environment")
-    simulation = Simulation(config, run_dir, plans, eval_device, secret_env)
+    from p2pcold.monitor import MonitorOptions
+
+    monitor = MonitorOptions(port=args.monitor_port, log_dir=args.log_dir, push_to_hub=args.push_to_hub)
+    simulation = Simulation(config, run_dir, plans, eval_device, secret_env, monitor)
     raise_on_sigterm()  # the processes run in sessions of their own: only this one hears the signal
     try:
         simulation.setup()

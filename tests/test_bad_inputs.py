@@ -259,6 +259,11 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
     # ---- swarm address
     cases["status without address"] = Case(["status"], "status: --initial-peers is required")
     cases["peer without address"] = Case(["peer", "--dataset", str(recipe)], "peer: --initial-peers is required")
+    cases["monitor without address"] = Case(["monitor"], "monitor: --initial-peers is required")
+    cases["monitor evaluate without targets"] = Case(["monitor", "--initial-peers", "not-an-address", "--evaluate"], "monitor: --evaluate needs eval.datasets")
+    cases["monitor port out of range"] = Case(["monitor", "--initial-peers", "not-an-address", "--port", "70000"], "monitor: --port 70000: must be between 0 and 65535")
+    cases["status watch as json"] = Case(["status", "--initial-peers", "not-an-address", "--watch", "--json"], "it does not combine with --json")
+    cases["status watch interval"] = Case(["status", "--initial-peers", "not-an-address", "--watch", "--interval", "0"], "--interval 0.0: must be greater than 0")
     path = folder("peer bad address")
     cases["peer bad address"] = Case(["peer", "--dataset", str(recipe), "--initial-peers", "not-an-address", "--run-dir", str(path / "run")], "not-an-address")
 

@@ -11,6 +11,7 @@ import torch
 from p2pcold.config import RunConfig, load_dataset_spec, run_contract
 from p2pcold.finetune import Contribution, Contributor, resolve_device
 from p2pcold.run_state import RunState
+from p2pcold.scalars import ScalarLog
 from p2pcold.swarm import (
     BodyAverager,
     FusionResult,
@@ -42,6 +43,7 @@ class SwarmPeer:
         device: str | None = None,
         show_progress: bool = False,
         secret: RunSecret | None = None,
+        log_dir: str | Path | None = None,
     ):
         self.config = config
         self.dataset = dataset
@@ -50,6 +52,7 @@ class SwarmPeer:
         self.device = resolve_device(device)
         self.show_progress = show_progress
         self.secret = secret  # the run secret of a private swarm; None: an open swarm
+        self.scalars = ScalarLog(log_dir)
         self.state: RunState | None = None
         self.dht = self.averager = self.tracker = None
         self.name = Path(dataset).stem
@@ -111,7 +114,9 @@ class SwarmPeer:
         self.tracker.update(phase=Phase.FINETUNING, iteration=self.iteration)
         contribution = self.contributor.contribute(self.state.body, self.state.base, self.iteration, self.device, self.show_progress)
         r = contribution.result
-        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second)
+        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second, trained_iteration=self.iteration)
+        for tag, value in (("loss", r.train_loss), ("dev_accuracy", r.dev_accuracy), ("examples_per_second", r.examples_per_second)):
+            self.scalars.add(f"{self.name}/{tag}", value, self.iteration)
         log.info(
             "iteration %d: finetuned %s, loss %.4f, dev acc %s, %d examples at %.1f ex/s",
             self.iteration, self.name, r.train_loss, "-" if r.dev_accuracy is None else f"{r.dev_accuracy:.4f}", r.examples, r.examples_per_second,
@@ -127,6 +132,13 @@ class SwarmPeer:
         # share_result=False: the caller decides what this peer serves, and under which iteration.
         return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
 
+    def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
+        """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""
+        self.tracker.update(fusion_seconds=seconds)
+        self.scalars.add(f"{self.name}/fusion_seconds", seconds, produced)
+        self.scalars.add(f"{self.name}/group_size", group_size, produced)
+        self.scalars.flush()
+
     # ------------------------------------------------------------------ checkpoint and cleanup
 
     def save_checkpoint(self, fusion: dict | None = None) -> Path:
@@ -136,6 +148,7 @@ class SwarmPeer:
     def cleanup(self) -> None:
         """Bounded: stops the tracker's thread, the averager, the DHT node and its p2pd daemon."""
         timeout = self.config.swarm.shutdown_timeout
+        self.scalars.close()
         if self.tracker is not None:
             self.tracker.close(timeout)
         if self.averager is not None:

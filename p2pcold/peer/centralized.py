@@ -94,7 +94,8 @@ class CentralizedPeer(SwarmPeer):
         fail on the Repository's side only; this peer then joins its retry with the same body (the same
         inputs give the same mean), instead of moving on with a result the Repository never got."""
         swarm, i = self.config.swarm, self.iteration
-        end = time.monotonic() + swarm.boundary_deadline
+        started = time.monotonic()
+        end = started + swarm.boundary_deadline
         attempts, ok, reason = 0, None, ""
 
         def repository_has_it() -> bool:
@@ -116,6 +117,7 @@ class CentralizedPeer(SwarmPeer):
         if word is not None:
             members = sorted(word["fused"])
             self.tracker.update(last_group_size=len(members), last_fusion=FusionOutcome.OK, last_group=members, fusion_attempts=attempts, fusion_error=None)
+            self._log_boundary(i + 1, len(members), time.monotonic() - started)
             return fusion_record(FusionOutcome.OK.value, members, attempts, None)
         reason = reason or ("the Repository did not confirm the fusion" if ok else "no fusion before the deadline")
         self.tracker.update(last_fusion=FusionOutcome.FAILED, last_group=[], fusion_attempts=attempts, fusion_error=reason)

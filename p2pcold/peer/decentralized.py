@@ -24,7 +24,7 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead, watchers_behind
 
 
 class DecentralizedPeer(SwarmPeer):
@@ -100,7 +100,8 @@ class DecentralizedPeer(SwarmPeer):
         still meet in matchmaking; a fusion must start at least one matchmaking window before the end."""
         swarm, i = self.config.swarm, self.iteration
         self.tracker.update(phase=Phase.AVERAGING)
-        end = time.monotonic() + swarm.boundary_deadline
+        started = time.monotonic()
+        end = started + swarm.boundary_deadline
         last_start = end - (swarm.matchmaking_time + 1)
         wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
         attempts, failure, warned = 0, None, False
@@ -128,7 +129,7 @@ class DecentralizedPeer(SwarmPeer):
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
                     log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
                     self.last_group = set(fused.members) - {self.peer_id}
-                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size)
+                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started)
                     return
                 if fused.status is not FusionStatus.ABORTED:  # stopping the search is not a failure
                     failure = fused.reason
@@ -140,10 +141,10 @@ class DecentralizedPeer(SwarmPeer):
             else:
                 log.warning("iteration %d: no peer at this iteration (%s); keeping our own update (a group of one)", i, decision.reason)
             self.last_group = set()
-            self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1)
+            self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
             return
 
-    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int) -> None:
+    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, started: float) -> None:
         """θ_{i+1} = `base`: published with what the boundary produced, checkpointed, and served when fused
         (an unfused base is served only once `_converge` found no fused one to adopt)."""
         self.state.iteration, self.state.base = self.iteration + 1, base
@@ -155,18 +156,23 @@ class DecentralizedPeer(SwarmPeer):
             fusion_attempts=record["attempts"],
             fusion_error=record["failure"],
         )
+        self._log_boundary(self.iteration, group_size, time.monotonic() - started)
         if record["status"] == FusionOutcome.OK.value:
             self.averager.set_shared_state(self.iteration, base)
         self.save_checkpoint(record)
 
     def _serve_final_state(self) -> None:
         """Keep serving θ_N while another live peer may still need it: a straggler, or one whose last
-        boundary did not fuse (it adopts the final base instead of ending the run with its own)."""
+        boundary did not fuse (it adopts the final base instead of ending the run with its own); and while
+        a monitor that evaluates the fused bases has not downloaded it (only a fused θ_N is served)."""
         swarm = self.config.swarm
         started = time.monotonic()
         behind: tuple[str, ...] = ()
         while time.monotonic() < started + swarm.boundary_deadline:
-            behind = peers_behind(self.iteration, self.tracker.snapshot().peers)
+            snapshot = self.tracker.snapshot()
+            behind = peers_behind(self.iteration, snapshot.peers)
+            if self.averager.shared_iteration == self.iteration:
+                behind += watchers_behind(self.iteration, snapshot.watchers)
             if not behind:
                 if time.monotonic() - started > 2 * swarm.poll_interval:
                     log.info("served the final base for %.0f s until every live peer had it", time.monotonic() - started)

@@ -109,6 +109,14 @@ def peers_behind(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ..
     )
 
 
+def watchers_behind(iteration: int, watchers: Mapping[str, int] | None) -> tuple[str, ...]:
+    """The monitors that evaluate fused bases and do not hold the one of `iteration` yet; `watchers`
+    None (not read yet) counts as one such, so that a finished peer never leaves before it knows."""
+    if watchers is None:
+        return ("monitors (not read yet)",)
+    return tuple(sorted(f"monitor {peer[-8:]}" for peer, held in watchers.items() if held < iteration))
+
+
 def duplicate_dataset_peers(records: Iterable[PeerProgress], dataset: str, first_seen: Mapping[str, float]) -> tuple[str, ...]:
     """Peer ids of the other live peers on `dataset`: their record was published again since this peer
     first saw it (`first_seen`: peer id -> last_seen then), or appeared only later. The record a

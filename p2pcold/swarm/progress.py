@@ -63,6 +63,8 @@ class PeerProgress:
     last_group: list[str] = field(default_factory=list)  # datasets of the last group, this peer's included
     fusion_attempts: int = 0  # all-reduce attempts made at the last boundary
     fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
+    fusion_seconds: float | None = None  # how long the last boundary took (waiting for peers and all-reduce)
+    trained_iteration: int | None = None  # the iteration whose finetuning gave train_loss, dev_accuracy, examples_per_second
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
@@ -99,7 +101,7 @@ def publish_progress(
         if isinstance(record[name], enum.Enum):
             record[name] = record[name].value
     record["last_group"] = list(record["last_group"])
-    for name in ("train_loss", "dev_accuracy", "examples_per_second"):
+    for name in ("train_loss", "dev_accuracy", "examples_per_second", "fusion_seconds"):
         value = record[name]
         if value is not None and not math.isfinite(value):
             record[name] = None  # msgpack has no NaN problem, but readers should not see NaN

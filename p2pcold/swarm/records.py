@@ -17,6 +17,12 @@ def assignment_key(run_id: str) -> str:
     return f"p2pcold/{run_id}/assignment"
 
 
+def watcher_key(run_id: str) -> str:
+    """Where a monitor that evaluates says which fused base it holds: finished peers keep serving theirs
+    until it has it (bounded by their boundary_deadline)."""
+    return f"p2pcold/{run_id}/watchers"
+
+
 def dataclass_from_record(cls: type, record: object) -> Any:
     """`cls` built from a DHT record holding one value per field, or None for anything else (records
     come from other peers: a malformed one is ignored, never trusted). A field with a default may be

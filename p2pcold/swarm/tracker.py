@@ -20,7 +20,7 @@ import hivemind
 
 from p2pcold.config import SwarmConfig
 from p2pcold.swarm.progress import PeerProgress, publish_progress, read_progress
-from p2pcold.swarm.records import assignment_key, get_records, put_record
+from p2pcold.swarm.records import assignment_key, get_records, put_record, watcher_key
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -32,11 +32,14 @@ class SwarmSnapshot:
 
     `peers`: the other live peers, newest record per dataset (a restarted peer's previous record lives
     on until it expires), this peer's dataset excluded. `records`: every live record but this peer's
-    own, undeduplicated. `assignments`: the Repository's record per iteration."""
+    own, undeduplicated. `assignments`: the Repository's record per iteration. `watchers`: monitor peer id
+    -> the iteration of the fused base it holds; read only once this peer is done (only then it matters),
+    None in a snapshot whose read began before."""
 
     peers: tuple[PeerProgress, ...] = ()
     records: tuple[PeerProgress, ...] = ()
     assignments: Mapping[int, Mapping] = field(default_factory=lambda: MappingProxyType({}))
+    watchers: Mapping[str, int] | None = None
     taken_at: float = 0.0
 
 
@@ -55,6 +58,7 @@ class SwarmTracker:
     def __init__(self, dht: hivemind.DHT, run_id: str, config: SwarmConfig, progress: PeerProgress | None = None):
         self.dht, self.run_id, self.config = dht, run_id, config
         self._progress = progress
+        self._watching: int | None = None  # a monitor's newest fused base, published instead of a progress record
         self._snapshot = SwarmSnapshot()
         self._refreshed = threading.Condition()
         self._wake = threading.Event()
@@ -80,6 +84,13 @@ class SwarmTracker:
         if self._progress is None:
             raise P2PColdError("swarm: this tracker publishes no progress record")
         self._progress = dataclasses.replace(self._progress, **fields)
+        self._last_publish = float("-inf")
+        self._wake.set()
+
+    def watch(self, iteration: int) -> None:
+        """As a monitor that evaluates (never a peer): publish that it holds the fused base of
+        `iteration`, so that finished peers keep serving a newer one until it has downloaded it."""
+        self._watching = iteration
         self._last_publish = float("-inf")
         self._wake.set()
 
@@ -126,12 +137,15 @@ class SwarmTracker:
                 self._refreshed.notify_all()
 
     def _publish(self) -> None:
-        progress = self._progress
-        if progress is None:
+        progress, watching, config = self._progress, self._watching, self.config
+        if progress is None and watching is None:
             return
         self._last_publish = time.monotonic()
         try:
-            publish_progress(self.dht, self.run_id, progress, self.config.progress_ttl, self.config.dht_request_timeout)
+            if progress is not None:
+                publish_progress(self.dht, self.run_id, progress, config.progress_ttl, config.dht_request_timeout)
+            else:
+                put_record(self.dht, watcher_key(self.run_id), str(self.dht.peer_id), {"iteration": watching}, config.progress_ttl, config.dht_request_timeout)
         except Exception as e:  # a failed heartbeat must never kill the peer
             logger.debug("progress not published: %s", e)
 
@@ -140,18 +154,22 @@ class SwarmTracker:
         try:
             records = read_progress(self.dht, self.run_id, timeout)
             assignments = get_records(self.dht, assignment_key(self.run_id), timeout)
+            me = self._progress
+            watchers = get_records(self.dht, watcher_key(self.run_id), timeout) if me is not None and me.phase == "done" else None
         except Exception as e:  # the DHT is slow or gone: keep the last view
             if not self._read_failing:
                 logger.warning("swarm view not refreshed, keeping the last one: %s", e)
             self._read_failing = True
             return
         self._read_failing = False
-        me = self._progress
         others = [r for r in records if me is None or r.peer_id != me.peer_id]
         snapshot = SwarmSnapshot(
             peers=newest_per_dataset(others, None if me is None else me.dataset),
             records=tuple(others),
             assignments=MappingProxyType({int(k): v for k, v in assignments.items() if k.isdigit() and isinstance(v, dict)}),
+            watchers=None if watchers is None else MappingProxyType(
+                {k: v["iteration"] for k, v in watchers.items() if isinstance(v, dict) and isinstance(v.get("iteration"), int)}
+            ),
             taken_at=time.time(),
         )
         with self._refreshed:

@@ -212,3 +212,16 @@ def log_times(log: str, pattern: str) -> list[float]:
 
 def toy_recipes(folder: Path, count: int) -> list[str]:
     return write_toy_datasets(folder / "data", count)
+
+
+def scalars(log_dir: Path) -> dict[str, list[int]]:
+    """TensorBoard scalars under `log_dir`: tag -> steps, as TensorBoard's own event reader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[int]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found[tag] = sorted({e.step for e in accumulator.Scalars(tag)})
+    return found

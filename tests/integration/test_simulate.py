@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swarm_cli import FAST_SWARM, kill_tagged, tag_environment, tagged_processes, toy_recipes
+from swarm_cli import FAST_SWARM, kill_tagged, scalars, tag_environment, tagged_processes, toy_recipes
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(400)]
 
@@ -65,7 +66,7 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
     secret = f"sim-secret-{uuid.uuid4().hex}"
     (tmp_path / "run.secret").write_text(secret + "\n")
     (tmp_path / "run.secret").chmod(0o600)
-    proc = simulator(str(config), "--secret-file", str(tmp_path / "run.secret"), log=log)
+    proc = simulator(str(config), "--secret-file", str(tmp_path / "run.secret"), "--log-dir", str(tmp_path / "tb"), log=log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -82,6 +83,12 @@ def test_three_tiny_peers_produce_the_run_folder(tmp_path, tiny_model_dir, simul
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["bootstrap.log", "evaluator.log", "peer00-toy_movies.log", "peer01-toy_flights.log", "peer02-toy_phones.log"]
     output = log.read_text()
     assert "pretrained  0" in output and "fused       2" in output  # the closing table
+    assert re.search(r"^monitor: http://127\.0\.0\.1:\d+/$", output, re.MULTILINE), output[:2000]
+    # TensorBoard: each peer's own scalars, and the evaluator's accuracy through the run's monitor
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["monitor", "peer00-toy_movies", "peer01-toy_flights", "peer02-toy_phones"]
+    watched = scalars(tmp_path / "tb" / "monitor")
+    assert watched["accuracy/cold/mean"] == watched["accuracy/frozen/mean"] == [0, 1, 2], watched
+    assert scalars(tmp_path / "tb" / "peer02-toy_phones")["toy_phones/loss"] == [0, 1]
     assert tagged_processes(simulator.tag) == []
     assert "a private swarm" in output and "open swarm" not in output
     assert "toy_movies:" in output  # the simulator's own node joined the private DHT and read the peers' progress

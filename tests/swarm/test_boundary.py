@@ -15,6 +15,7 @@ from p2pcold.swarm.boundary import (
     decide_start,
     duplicate_dataset_peers,
     peers_behind,
+    watchers_behind,
     ready_contributors,
     repository_word,
 )
@@ -97,6 +98,12 @@ def test_peers_behind_keep_the_final_base_served():
     peers = [peer("b", 4, "averaging"), peer("c", 5, "done"), peer("d", 5, "averaging", last_fusion="failed"), peer("e", 5, "averaging", last_fusion="ok")]
     assert peers_behind(5, peers) == ("b", "d")
     assert peers_behind(5, [peer("c", 5, "done", last_fusion="failed")]) == ()
+
+
+def test_an_evaluating_monitor_without_the_final_base_keeps_it_served():
+    assert watchers_behind(5, {"12D3KooWmonitorA": 4, "12D3KooWmonitorB": 5}) == ("monitor monitorA",)
+    assert watchers_behind(5, {}) == ()
+    assert watchers_behind(5, None) == ("monitors (not read yet)",)  # a snapshot from before the peer was done
 
 
 def test_a_second_live_peer_on_the_dataset_is_told_from_a_record_left_behind():
