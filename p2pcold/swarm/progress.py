@@ -63,6 +63,7 @@ class PeerProgress:
     last_group: list[str] = field(default_factory=list)  # datasets of the last group, this peer's included
     fusion_attempts: int = 0  # all-reduce attempts made at the last boundary
     fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
+    mode: str = "public"  # a reachability.Mode value: `client` peers are behind NAT (dial out only)
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
@@ -74,6 +75,7 @@ class PeerProgress:
             and isinstance(progress.phase, str)
             and isinstance(progress.last_group, (list, tuple))
             and isinstance(progress.fusion_attempts, int)
+            and isinstance(progress.mode, str)
         ):
             return None
         return progress
@@ -95,7 +97,7 @@ def publish_progress(
     if ttl <= 0:
         raise P2PColdError("swarm: progress ttl must be positive")
     record = dataclasses.asdict(dataclasses.replace(progress, last_seen=time.time()))
-    for name in ("phase", "last_fusion"):  # plain strings on the wire, not enum members
+    for name in ("phase", "last_fusion", "mode"):  # plain strings on the wire, not enum members
         if isinstance(record[name], enum.Enum):
             record[name] = record[name].value
     record["last_group"] = list(record["last_group"])

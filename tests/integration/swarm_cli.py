@@ -20,6 +20,7 @@ import yaml
 from toy_data import write_toy_datasets
 
 FAST_SWARM = {  # loopback timings: small enough for tests, with the same structure as the defaults
+    "host": "127.0.0.1",  # tests stay on loopback (`p2pcold peer` alone would listen on every interface)
     "matchmaking_time": 3.0,
     "request_timeout": 1.0,
     "boundary_deadline": 45.0,
