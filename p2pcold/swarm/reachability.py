@@ -3,14 +3,14 @@ as a client through a relay.
 
 A public member (DHT server, averaging reducer, state donor) must accept connections; a peer behind a
 home router or a firewall cannot. At start (`reachability: auto`) the peer asks swarm members, the
-bootstrap first, to open a TCP connection to each of its addresses (`dial-back`). When at least half of
+bootstrap first, to open a TCP connection back to its port (`dial-back`). When at least half of
 the members that answered reached it, it is public; otherwise it joins as a client: it dials out only,
 contributes its body to every fusion and downloads state, but never reduces or serves state, and it
 keeps libp2p's auto-relay on (a relaying member makes it reachable for libp2p). A swarm where no
 answering member relays is refused with a line that says what to do.
 
-A member dials only addresses on the IP the request came from, so the service cannot be used to make
-members connect to third parties.
+A member dials only the IP the request came from (at the ports the peer names), so the service cannot
+be used to make members connect to third parties.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from p2pcold.utils import P2PColdError, get_logger
 logger = get_logger(__name__)
 
 DIAL_BACK_PROTOCOL = "p2pcold.reachability.DialBack"
-MAX_ADDRESSES = 8  # addresses a member dials per request
+MAX_PORTS = 8  # ports a member dials per request
 MAX_MEMBERS = 5  # members asked per check (the initial peers first)
 
 
@@ -48,13 +48,13 @@ class Mode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class DialBack:
-    """What the members asked said: who answered, who reached one of our addresses, who relays."""
+    """What the members asked said: who answered, who reached one of our ports, who relays."""
 
-    addresses: tuple[str, ...]  # this peer's addresses, as sent
+    ports: tuple[int, ...]  # TCP ports asked for (the announced ones, else the one p2pd listens on)
     answered: tuple[str, ...]
     dialed_by: tuple[str, ...]
     relays: tuple[str, ...]
-    dialed: tuple[str, ...]  # addresses some member reached
+    dialed: tuple[int, ...]  # ports some member reached
 
 
 def is_reachable(check: DialBack) -> bool | None:
@@ -69,10 +69,17 @@ def is_loopback_swarm(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
 
 
+def ports_to_check(config: SwarmConfig) -> list[int]:
+    """The ports members dial: those of the announced addresses (a router may forward another port than
+    the one p2pd listens on), else the listening port."""
+    if config.announce_maddrs:
+        return list(dict.fromkeys(int(Multiaddr(m)["tcp"]) for m in config.announce_maddrs if "/tcp/" in m))
+    return [config.port] if config.port else []
+
+
 def undialable_announced(announced: Sequence[str], check: DialBack) -> list[str]:
     """Announced addresses no answering member could dial (only meaningful when someone answered)."""
-    reached = {_without_peer_id(m) for m in check.dialed}
-    return [m for m in announced if check.answered and _without_peer_id(m) not in reached]
+    return [m for m in announced if check.answered and "/tcp/" in m and int(Multiaddr(m)["tcp"]) not in check.dialed]
 
 
 def no_relay_message(config: SwarmConfig) -> str:
@@ -122,7 +129,7 @@ def _start_public(config: SwarmConfig, initial_peers: Sequence[str], report: boo
     dht = start_dht(config, initial_peers)
     try:
         serve_dial_back(dht, config)
-        if report:
+        if report and config.announce_maddrs:
             _report_announced(config, dial_back(dht, config, initial_peers))
     except BaseException:
         stop_dht(dht, grace_s=config.shutdown_timeout)
@@ -154,18 +161,20 @@ def serve_dial_back(dht: hivemind.DHT, config: SwarmConfig) -> None:
 
 
 def dial_back(dht: hivemind.DHT, config: SwarmConfig, initial_peers: Sequence[str]) -> DialBack:
-    """Ask up to MAX_MEMBERS members (the initial peers first) to dial this node's addresses back."""
+    """Ask up to MAX_MEMBERS members (the initial peers first) to dial `ports_to_check` back.
+
+    A member dials the IP this node's connection came from: behind NAT that is the router, which
+    forwards nothing unless the volunteer set it up."""
+    ports = ports_to_check(config)
     initial_ids = list(dict.fromkeys(str(Multiaddr(m)["p2p"]) for m in initial_peers))
-    addresses, replies = _call(
-        dht, partial(_ask_members, initial_ids, config.reachability_timeout), config.reachability_timeout + config.local_rpc_timeout
-    )
+    replies = _call(dht, partial(_ask_members, initial_ids, ports, config.reachability_timeout), config.reachability_timeout + config.local_rpc_timeout)
     answered = {member: reply for member, reply in replies.items() if reply is not None}
     return DialBack(
-        addresses=tuple(addresses),
+        ports=tuple(ports),
         answered=tuple(answered),
         dialed_by=tuple(member for member, reply in answered.items() if reply["dialed"]),
         relays=tuple(member for member, reply in answered.items() if reply["relay"]),
-        dialed=tuple(dict.fromkeys(m for reply in answered.values() for m in reply["dialed"])),
+        dialed=tuple(sorted({port for reply in answered.values() for port in reply["dialed"]})),
     )
 
 
@@ -176,10 +185,10 @@ async def _serve(dial_timeout: float, relay: bool, _dht, node) -> None:
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = MSGPackSerializer.loads(await asyncio.wait_for(P2P.receive_raw_data(reader), dial_timeout))
-            maddrs = [m for m in request.get("maddrs", [])[:MAX_ADDRESSES] if isinstance(m, str)]
+            ports = [p for p in request.get("ports", [])[:MAX_PORTS] if isinstance(p, int) and 0 < p < 65536]
             observed = _ip_of(str(stream_info.addr))
-            reached = await asyncio.gather(*(_dial(m, observed, dial_timeout) for m in maddrs))
-            reply = {"dialed": [m for m, ok in zip(maddrs, reached) if ok], "relay": relay}
+            reached = await asyncio.gather(*(_dial(observed, port, dial_timeout) for port in ports))
+            reply = {"dialed": [port for port, ok in zip(ports, reached) if ok], "relay": relay}
             await P2P.send_raw_data(MSGPackSerializer.dumps(reply), writer)
         except Exception as e:  # a malformed or abandoned request concerns only its sender
             logger.debug("dial-back request from %s failed: %r", stream_info.peer_id, e)
@@ -189,8 +198,7 @@ async def _serve(dial_timeout: float, relay: bool, _dht, node) -> None:
     await node.p2p.add_binary_stream_handler(DIAL_BACK_PROTOCOL, handle)
 
 
-async def _ask_members(initial_ids: list[str], timeout: float, _dht, node) -> tuple[list[str], dict]:
-    addresses = [str(m) for m in await node.p2p.get_visible_maddrs(latest=True) if "p2p-circuit" not in str(m)]
+async def _ask_members(initial_ids: list[str], ports: list[int], timeout: float, _dht, node) -> dict:
     members = [*initial_ids, *(str(p) for p in node.protocol.routing_table.peer_id_to_uid if str(p) not in initial_ids)]
     members = [m for m in members if m != str(node.peer_id)][:MAX_MEMBERS]
 
@@ -198,7 +206,7 @@ async def _ask_members(initial_ids: list[str], timeout: float, _dht, node) -> tu
         try:
             _info, reader, writer = await node.p2p.call_binary_stream_handler(PeerID.from_base58(member), DIAL_BACK_PROTOCOL)
             try:
-                await P2P.send_raw_data(MSGPackSerializer.dumps({"maddrs": addresses}), writer)
+                await P2P.send_raw_data(MSGPackSerializer.dumps({"ports": ports}), writer)
                 reply = MSGPackSerializer.loads(await P2P.receive_raw_data(reader))
             finally:
                 writer.close()
@@ -207,7 +215,7 @@ async def _ask_members(initial_ids: list[str], timeout: float, _dht, node) -> tu
             return None
         if not (isinstance(reply, dict) and isinstance(reply.get("dialed"), list) and isinstance(reply.get("relay"), bool)):
             return None
-        return {"dialed": [m for m in reply["dialed"] if m in addresses], "relay": reply["relay"]}
+        return {"dialed": [p for p in reply["dialed"] if p in ports], "relay": reply["relay"]}
 
     async def ask_bounded(member: str):
         try:
@@ -215,19 +223,12 @@ async def _ask_members(initial_ids: list[str], timeout: float, _dht, node) -> tu
         except asyncio.TimeoutError:
             return None
 
-    replies = await asyncio.gather(*(ask_bounded(m) for m in members))
-    return addresses, dict(zip(members, replies))
+    return dict(zip(members, await asyncio.gather(*(ask_bounded(m) for m in members))))
 
 
-async def _dial(maddr: str, observed_ip: str | None, timeout: float) -> bool:
-    """Open (and close) a TCP connection to `maddr`, only on the IP the request came from."""
-    try:
-        parsed = Multiaddr(maddr)
-        ip = _ip_of(maddr)
-        port = int(parsed["tcp"])
-    except Exception:  # not an ip4/ip6 + tcp address
-        return False
-    if ip is None or ip != observed_ip:
+async def _dial(ip: str | None, port: int, timeout: float) -> bool:
+    """Open (and close) a TCP connection to ip:port."""
+    if ip is None:  # the request came through a relay: there is no address to dial
         return False
     try:
         _reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
@@ -243,7 +244,3 @@ def _ip_of(maddr: str) -> str | None:
         if protocol in parts and parts.index(protocol) + 1 < len(parts):
             return str(ipaddress.ip_address(parts[parts.index(protocol) + 1]))
     return None
-
-
-def _without_peer_id(maddr: str) -> str:
-    return maddr.split("/p2p/")[0]
