@@ -1,92 +1,31 @@
-"""Volunteers behind a real NAT, built in network namespaces (issue 10).
+"""Volunteers behind a real NAT, built in network namespaces (issue 10; topology: benchmarks/netns.py).
 
-    public namespace 172.30.77.2 (bootstrap + public peer)
-        | veth 172.30.77.0/24
-    router namespace: forwards, MASQUERADEs 10.77.0.0/24 going out
-        | veth 10.77.0.0/24
-    home namespace 10.77.0.2 (NATed peer, late NATed joiner): can connect out, nobody can connect in
-
-Nothing is routed to the host's network. The "public" side is not 198.18.0.0/15 (the benchmark range):
-libp2p counts that range as unroutable and drops it from its peer routing, so no peer could find
-another there (checked: `routing: not found` even inside one namespace). One swarm serves several checks: the NATed peer joins as a
-client, all fuse at every boundary and end equal to the `p2pcold local` reference, and a late NATed
-joiner downloads the state; then a second bootstrap with its relay off refuses a NATed peer in bounded
-time. Skipped without root, `ip netns` or iptables. Every process is reaped and every namespace deleted.
+Bootstrap and a public peer in the public namespace, a NATed peer (and later a late NATed joiner) in
+the home namespace behind the router's MASQUERADE. One swarm serves several checks: the NATed peer
+joins as a client, all fuse at every boundary and end equal to the `p2pcold local` reference, and a
+late NATed joiner downloads the state; then a second bootstrap with its relay off refuses a NATed peer
+in bounded time. Skipped without root, `ip netns` or iptables. Every process is reaped and every
+namespace deleted.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.netns import HOME_IP, PUBLIC_IP, NatTopology, missing_requirement
 from swarm_cli import toy_recipes, write_run_config
 from test_swarm_modes import assert_close, final_body, reference_body
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(360)]
 
-PUBLIC_IP, ROUTER_PUBLIC_IP, HOME_IP, ROUTER_HOME_IP = "172.30.77.2", "172.30.77.1", "10.77.0.2", "10.77.0.1"
 BOOTSTRAP_PORT, NO_RELAY_BOOTSTRAP_PORT = 31337, 31338
 LATE_JOINER = Path(__file__).with_name("nat_late_joiner.py")
-
-
-def _run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True, timeout=30)
-
-
-def _missing_requirement() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "iptables"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (Debian: apt-get install iproute2 iptables)"
-    return None
-
-
-class NatTopology:
-    """The three namespaces, their veths and the router's MASQUERADE rule; `delete` removes them all."""
-
-    def __init__(self) -> None:
-        suffix = uuid.uuid4().hex[:6]
-        self.public, self.router, self.home = (f"p2pc-{role}-{suffix}" for role in ("pub", "rtr", "home"))
-        self.veths = {name: f"pc{suffix}{name}" for name in ("p", "rp", "h", "rh")}  # at most 15 characters
-        self.created: list[str] = []
-
-    def create(self) -> None:
-        v = self.veths
-        for ns in (self.public, self.router, self.home):
-            _run("ip", "netns", "add", ns)
-            self.created.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        # each veth pair is created straight inside its two namespaces: the host's network never sees it
-        _run("ip", "link", "add", v["p"], "netns", self.public, "type", "veth", "peer", "name", v["rp"], "netns", self.router)
-        _run("ip", "link", "add", v["h"], "netns", self.home, "type", "veth", "peer", "name", v["rh"], "netns", self.router)
-        for ns, dev, address in (
-            (self.public, v["p"], f"{PUBLIC_IP}/24"),
-            (self.router, v["rp"], f"{ROUTER_PUBLIC_IP}/24"),
-            (self.router, v["rh"], f"{ROUTER_HOME_IP}/24"),
-            (self.home, v["h"], f"{HOME_IP}/24"),
-        ):
-            _run("ip", "-n", ns, "addr", "add", address, "dev", dev)
-            _run("ip", "-n", ns, "link", "set", dev, "up")
-        _run("ip", "-n", self.home, "route", "add", "default", "via", ROUTER_HOME_IP)
-        _run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", self.router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.77.0.0/24", "-o", v["rp"], "-j", "MASQUERADE")
-
-    def exec_in(self, ns: str) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", ns)
-
-    def delete(self) -> None:
-        for ns in reversed(self.created):  # deleting a namespace deletes its veths (and their peers)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        self.created.clear()
 
 
 def _connect(topology: NatTopology, ns: str, ip: str, port: int) -> str:
@@ -102,7 +41,7 @@ def _connect(topology: NatTopology, ns: str, ip: str, port: int) -> str:
 
 @pytest.fixture
 def nat(swarm):
-    missing = _missing_requirement()
+    missing = missing_requirement()
     if missing:
         pytest.skip(missing)
     topology = NatTopology()
