@@ -120,9 +120,12 @@ def main() -> None:
     try:
         topology.create()
         with tempfile.TemporaryDirectory() as folder:
-            medians = {variant: median(run_variant(topology, variant, args.params, args.rounds, Path(folder))) for variant in ("public", "nat")}
+            rounds = {variant: run_variant(topology, variant, args.params, args.rounds, Path(folder)) for variant in ("public", "nat")}
     finally:
         topology.delete()
+    for variant, times in rounds.items():
+        log(f"{variant}: rounds {', '.join(f'{t:.2f}' for t in times)} s")
+    medians = {variant: median(times) for variant, times in rounds.items()}
     print(
         f"| fusion round, group of 2, {args.params / 1e6:.1f}M fp32 | all public {medians['public']:.2f} s | "
         f"one behind NAT (client) {medians['nat']:.2f} s | ratio {medians['nat'] / medians['public']:.2f} |"

@@ -257,6 +257,11 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
     cases["peer without address"] = Case(["peer", "--dataset", str(recipe)], "peer: --initial-peers is required")
     path = folder("peer bad address")
     cases["peer bad address"] = Case(["peer", "--dataset", str(recipe), "--initial-peers", "not-an-address", "--run-dir", str(path / "run")], "not-an-address")
+    path = folder("peer host not an IP")
+    maddr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDGvnkXwo7pBLZMwJY5biGVyeZMfQJnjrLWT4wWws1VmW"
+    cases["peer host not an IP"] = Case(
+        ["peer", "--dataset", str(recipe), "--initial-peers", maddr, "--host", "localhost", "--run-dir", str(path / "run")], "host 'localhost' is not an IP address"
+    )
 
     # ---- signals
     path = folder("sigterm local")

@@ -29,7 +29,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pcold.config import SwarmConfig
-from p2pcold.swarm.dht import _call, start_dht, stop_dht
+from p2pcold.swarm.dht import _call, listen_maddr, start_dht, stop_dht
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -100,6 +100,7 @@ def join_swarm(config: SwarmConfig, initial_peers: Sequence[str]) -> tuple[hivem
     Bounded: the DHT start(s) (`dht_startup_timeout + bootstrap_timeout` each) and one dial-back check
     (`reachability_timeout`). Raises P2PColdError (nothing left running) when the peer is not reachable
     and no member relays."""
+    listen_maddr(config.host, config.port)  # a host that is not an IP address: one line, before anything starts
     if config.reachability == "public" or not initial_peers or is_loopback_swarm(config.host):
         return _start_public(config, initial_peers, report=config.reachability == "public" and bool(initial_peers)), Mode.PUBLIC
     config = _with_fixed_port(config)  # a restart as a public member must keep the port members dialed
@@ -147,7 +148,10 @@ def _with_fixed_port(config: SwarmConfig) -> SwarmConfig:
         return config
     family = socket.AF_INET6 if ipaddress.ip_address(config.host).version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((config.host, 0))
+        try:
+            probe.bind((config.host, 0))
+        except OSError as e:
+            raise P2PColdError(f"swarm: cannot listen on {config.host}: {e.strerror}") from None
         port = probe.getsockname()[1]
     return config.model_copy(update={"port": port})
 
