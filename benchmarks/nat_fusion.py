@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import log, median
-from benchmarks.netns import HOME_IP, PUBLIC_IP, NatTopology, missing_requirement
+from benchmarks.netns import PUBLIC_IP, NatTopology, missing_requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP_PORT = 31400
@@ -35,8 +35,8 @@ def worker(role: str, host: str, initial: str, out: str, params: int, rounds: in
 
     from p2pcold.config import SwarmConfig
     from p2pcold.swarm import BodyAverager, stop_dht, visible_maddrs
-    from p2pcold.swarm.reachability import join_swarm, serve_dial_back
     from p2pcold.swarm.dht import start_dht
+    from p2pcold.swarm.reachability import join_swarm, serve_dial_back
 
     config = SwarmConfig(host=host, port=BOOTSTRAP_PORT if role == "bootstrap" else 0, **SWARM)
     if role == "bootstrap":
