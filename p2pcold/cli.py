@@ -17,6 +17,7 @@ from p2pcold.utils import EXIT_TERMINATED, P2PColdError, Terminated, atomic_writ
 log = get_logger("cli")
 
 EXIT_BAD_INPUT = 2
+VOLUNTEER_HOST = "0.0.0.0"  # `p2pcold peer` listens on every interface unless told otherwise
 EXIT_INTERRUPTED = 130
 
 
@@ -161,9 +162,15 @@ def _swarm_run_config(args: argparse.Namespace):
             f"{args.command}: --initial-peers is required: the multiaddr of a bootstrap node or of any peer of the run "
             "(`p2pcold bootstrap` prints it)"
         )
-    flags = {"run_id": "run_id", "host": "swarm.host", "port": "swarm.port", "identity": "swarm.identity_path", "announce": "swarm.announce_maddrs"}
+    flags = {
+        "run_id": "run_id", "host": "swarm.host", "port": "swarm.port", "identity": "swarm.identity_path",
+        "announce": "swarm.announce_maddrs", "reachability": "swarm.reachability", "relay": "swarm.relay",
+    }  # fmt: skip
     # The Repository samples from the run's datasets; a peer or a status query needs only the settings.
-    return _config_for(args, needs_datasets=getattr(args, "repository", False), **flags)
+    config = _config_for(args, needs_datasets=getattr(args, "repository", False), **flags)
+    if args.command == "peer" and "host" not in config.swarm.model_fields_set:
+        config.swarm.host = VOLUNTEER_HOST  # neither the config nor a flag chose: a volunteer on a real network
+    return config
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -196,12 +203,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
     from p2pcold.swarm.auth import load_secret
+    from p2pcold.swarm.reachability import serve_dial_back
 
     secret = load_secret(args.secret_file)
     raise_on_sigterm()
     dht = start_dht(config.swarm, args.initial_peers, secret=secret)
     repository = None
     try:
+        serve_dial_back(dht, config.swarm)
         maddrs = visible_maddrs(dht, config.swarm.local_rpc_timeout)
         print("bootstrap node up; peers join with:", flush=True)
         for maddr in maddrs:
@@ -264,10 +273,10 @@ def status_table(run_id: str, records, now: float) -> str:
     rows = [dataclasses.asdict(r) for r in records]
     if not rows:
         return f"run {run_id}: no live peers"
-    header = ["peer", "dataset", "iteration", "phase", "loss", "dev acc", "ex/s", "group", "last boundary", "last seen"]
+    header = ["peer", "dataset", "iteration", "phase", "mode", "loss", "dev acc", "ex/s", "group", "last boundary", "last seen"]
     table = [header] + [
         [
-            r["peer_id"][-8:], r["dataset"], str(r["iteration"]), r["phase"], _num(r["train_loss"]), _num(r["dev_accuracy"]),
+            r["peer_id"][-8:], r["dataset"], str(r["iteration"]), r["phase"], r["mode"], _num(r["train_loss"]), _num(r["dev_accuracy"]),
             _num(r["examples_per_second"], 1), "-" if r["last_group_size"] is None else str(r["last_group_size"]), _boundary_cell(r), f"{now - r['last_seen']:.0f} s ago",
         ]
         for r in rows
@@ -389,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_secret_option(p)
         add_set_option(p, "swarm.compression=fp16")
 
+    def address_options(p: argparse.ArgumentParser, default_host: str) -> None:
+        p.add_argument("--host", help=f"listen address (default {default_host})")
+        p.add_argument("--port", type=int, help="TCP port (default: a free one; fix it to forward or open it)")
+        p.add_argument("--announce", nargs="+", metavar="MADDR", help="addresses others should dial, e.g. /ip4/203.0.113.7/tcp/31337")
+        p.add_argument("--identity", help="private key file for a stable peer id (created on first use)")
+
     peer = sub.add_parser(
         "peer",
         help="join a swarm as a contributor of one dataset",
@@ -397,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     peer.add_argument("--dataset", required=True, help="dataset recipe: a name in peers/ or a YAML path")
     swarm_options(peer)
+    address_options(peer, default_host=f"{VOLUNTEER_HOST}, every interface")
+    peer.add_argument(
+        "--reachability", choices=["auto", "public", "client"],
+        help="auto (default): swarm members dial this peer back at start; if they cannot (NAT, firewall) it joins "
+        "as a client through a relay. public: skip the check (port forwarded). client: always behind NAT",
+    )  # fmt: skip
     peer.add_argument("--run-dir", help="this peer's checkpoints (default: runs/peer-DATASET); resumed on restart")
     peer.add_argument("--centralized", action="store_true", help="follow a Repository (p2pcold bootstrap --repository)")
     peer.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -410,10 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prints (and writes) the multiaddrs to pass as --initial-peers. Stops cleanly on SIGTERM.",
     )
     swarm_options(bootstrap)
-    bootstrap.add_argument("--host", help="listen address (0.0.0.0 for other machines; default 127.0.0.1)")
-    bootstrap.add_argument("--port", type=int, help="TCP port (default: a free one; fix it for a public node)")
-    bootstrap.add_argument("--announce", nargs="*", metavar="MADDR", help="addresses peers should dial, e.g. /ip4/203.0.113.7/tcp/31337")
-    bootstrap.add_argument("--identity", help="private key file for a stable peer id (created on first use)")
+    address_options(bootstrap, default_host="127.0.0.1; 0.0.0.0 for other machines")
+    bootstrap.add_argument(
+        "--relay", choices=["on", "off"], help="relay for peers behind NAT (default on; see bootstrap/README.md)"
+    )
     bootstrap.add_argument("--maddrs-file", help="also write the multiaddrs to this file")
     bootstrap.add_argument("--repository", action="store_true", help="also act as the paper's Repository (centralized mode)")
     bootstrap.add_argument("--run-dir", help="the Repository's checkpoints (default: runs/repository)")

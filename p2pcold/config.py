@@ -471,6 +471,12 @@ class SwarmConfig(_Section):
     # Private key file giving a stable peer id (created on first use). A bootstrap peer needs one so
     # that its multiaddr, which contains the peer id, stays valid across restarts. None: a random id.
     identity_path: str | None = None
+    # --- reachability (peers behind NAT, docs/protocol.md "Volunteers behind NAT")
+    # `auto`: at start, swarm members dial this peer's addresses back; a peer they cannot dial joins as a
+    # client (dials out only: it fuses and downloads state but never reduces or serves state) with
+    # libp2p relays on. `public` / `client` skip the check. A swarm on 127.0.0.1 is always public.
+    reachability: Literal["auto", "public", "client"] = "auto"
+    relay: bool = True  # a publicly reachable node relays for members behind NAT (libp2p circuit relay v2)
 
     # --- averaging
     # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression) or `8bit`
@@ -501,6 +507,8 @@ class SwarmConfig(_Section):
     boundary_deadline: Seconds = 120.0  # how long a peer waits at an iteration boundary for a group
     state_download_timeout: Seconds = 60.0  # a whole state download (donor discovery + transfer)
     state_declare_period: Seconds = 30.0  # a state donor re-announces itself this often (its DHT record's lifetime)
+    reachability_timeout: Seconds = 20.0  # the whole dial-back check at start (every member asked in parallel)
+    dial_back_timeout: Seconds = 5.0  # a member's TCP dial of one of this peer's addresses; below reachability_timeout
     progress_ttl: Seconds = 60.0  # a peer's progress record expires after this long unless re-published
     # --- centralized mode (the Repository, paper §2.3)
     peer_wait_timeout: Seconds = 60.0  # the Repository waits this long for every configured dataset's peer to connect
@@ -524,6 +532,8 @@ class SwarmConfig(_Section):
             raise ValueError(
                 f"request_timeout={self.request_timeout} must be below matchmaking_time={self.matchmaking_time} (hivemind matchmaking can deadlock)"
             )
+        if self.dial_back_timeout >= self.reachability_timeout:
+            raise ValueError(f"dial_back_timeout={self.dial_back_timeout} must be below reachability_timeout={self.reachability_timeout}")
         if self.boundary_deadline <= self.matchmaking_time:
             raise ValueError(f"boundary_deadline={self.boundary_deadline} must exceed matchmaking_time={self.matchmaking_time}")
         return self

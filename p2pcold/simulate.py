@@ -186,6 +186,7 @@ class Simulation:
         self._start(EVALUATOR, ["-m", "p2pcold.simulate", "evaluate-loop", str(self.run_dir), str(self.fused_source), "--device", self.eval_device, "--threads", str(self.plans[0].threads)])
         for plan in self.plans:
             args = ["-m", "p2pcold.cli", "peer", "--config", config_path, "--dataset", plan.dataset, "--initial-peers", self.maddr]
+            args += ["--host", self.config.swarm.host]  # where the bootstrap listens (127.0.0.1 unless configured), not a volunteer's default
             args += ["--run-dir", str(self.run_dir / "peers" / plan.name), "--device", plan.device, "--set", f"finetune.num_threads={plan.threads}"]
             if plan is self.plans[0] and not self.centralized:  # the evaluator's source: it prunes what it evaluated
                 args += ["--set", "keep_checkpoints=null"]

@@ -266,6 +266,11 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
     cases["status watch interval"] = Case(["status", "--initial-peers", "not-an-address", "--watch", "--interval", "0"], "--interval 0.0: must be greater than 0")
     path = folder("peer bad address")
     cases["peer bad address"] = Case(["peer", "--dataset", str(recipe), "--initial-peers", "not-an-address", "--run-dir", str(path / "run")], "not-an-address")
+    path = folder("peer host not an IP")
+    maddr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDGvnkXwo7pBLZMwJY5biGVyeZMfQJnjrLWT4wWws1VmW"
+    cases["peer host not an IP"] = Case(
+        ["peer", "--dataset", str(recipe), "--initial-peers", maddr, "--host", "localhost", "--run-dir", str(path / "run")], "host 'localhost' is not an IP address"
+    )
 
     # ---- the run secret (a private swarm)
     somewhere = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMgK13rEBAV5rgffdWDfpHmp4zTkYQgW5uXZ1gkc9Svm5"

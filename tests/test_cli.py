@@ -116,3 +116,30 @@ def test_local_then_evaluate_through_the_installed_command(tmp_path, tiny_model_
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert sorted(r["iteration"] for r in rows) == [0, 2]
     assert (tmp_path / "eval" / "accuracy.png").is_file() and (tmp_path / "eval" / "results.csv").is_file()
+
+
+def test_peer_flags_and_a_home_volunteers_defaults(tmp_path):
+    """`p2pcold peer` listens on every interface with auto reachability unless a flag or the config says
+    otherwise; bootstrap and status keep 127.0.0.1; `--relay off` turns a bootstrap's relay off."""
+    from p2pcold.cli import _swarm_run_config, build_parser
+
+    maddr = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooWDGvnkXwo7pBLZMwJY5biGVyeZMfQJnjrLWT4wWws1VmW"
+
+    def swarm_config(*argv: str):
+        return _swarm_run_config(build_parser().parse_args(list(argv))).swarm
+
+    peer = ("peer", "--dataset", "toy", "--initial-peers", maddr)
+    home = swarm_config(*peer)
+    assert (home.host, home.port, home.reachability, home.relay, home.announce_maddrs) == ("0.0.0.0", 0, "auto", True, [])
+    key = str(tmp_path / "peer.key")
+    chosen = swarm_config(*peer, "--host", "10.0.0.5", "--port", "31337", "--announce", "/ip4/203.0.113.8/tcp/31337", "--identity", key, "--reachability", "client")
+    assert (chosen.host, chosen.port, chosen.announce_maddrs, chosen.identity_path, chosen.reachability) == (
+        "10.0.0.5", 31337, ["/ip4/203.0.113.8/tcp/31337"], key, "client",
+    )  # fmt: skip
+    assert swarm_config(*peer, "--set", "swarm.host=127.0.0.1").host == "127.0.0.1"
+    config = tmp_path / "run.yaml"
+    config.write_text("swarm:\n  host: 127.0.0.1\n")
+    assert swarm_config(*peer, "--config", str(config)).host == "127.0.0.1"
+    assert swarm_config("bootstrap").host == "127.0.0.1" and swarm_config("bootstrap").relay is True
+    assert swarm_config("bootstrap", "--relay", "off").relay is False
+    assert swarm_config("status", "--initial-peers", maddr).host == "127.0.0.1"

@@ -21,11 +21,11 @@ from p2pcold.swarm import (
     SwarmTracker,
     join_run,
     peer_id,
-    start_dht,
     stop_dht,
 )
 from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import duplicate_dataset_peers
+from p2pcold.swarm.reachability import Mode, join_swarm
 from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("peer")
@@ -57,6 +57,7 @@ class SwarmPeer:
         self.dht = self.averager = self.tracker = None
         self.name = Path(dataset).stem
         self.peer_id = ""
+        self.mode = Mode.PUBLIC
 
     @property
     def iteration(self) -> int:
@@ -77,14 +78,14 @@ class SwarmPeer:
         self.contributor.head_state = self.state.heads.get(self.name)
 
         swarm = config.swarm
-        self.dht = start_dht(swarm, self.initial_peers, secret=self.secret)
+        self.dht, self.mode = join_swarm(swarm, self.initial_peers, secret=self.secret)
         self.peer_id = peer_id(self.dht)
         identity = RunIdentity.for_body(config.run_id, config.model, self.state.theta0, run_contract(config))
         join_run(self.dht, config.run_id, identity, swarm)
         self.tracker = SwarmTracker(self.dht, config.run_id, swarm)
         self._refuse_a_second_peer_on_this_dataset()
         # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
-        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING))
+        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING, mode=self.mode))
         self.averager = BodyAverager(
             self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0, secret=self.secret, aggregation=config.aggregation
         )

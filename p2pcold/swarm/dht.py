@@ -142,6 +142,19 @@ def check_identity_file(path: Path) -> None:
         ) from None
 
 
+def relay_options(config: SwarmConfig, client_mode: bool) -> dict:
+    """libp2p relay settings of a node. A client looks for a relay among its initial peers (p2pd's
+    default trusted relays); a reachable node serves as one when `config.relay` is on. go-libp2p starts
+    its relay service only once the node's reachability is public, and its relay finder only once it
+    is private: AutoNAT would need several peers to conclude, so both are stated (reachability.py
+    checked them, or the operator chose)."""
+    if client_mode:
+        return {"use_relay": True, "use_auto_relay": True, "force_reachability": "private"}
+    if config.relay:
+        return {"use_relay": True, "use_auto_relay": False, "force_reachability": "public"}
+    return {"use_relay": False, "use_auto_relay": False}
+
+
 def start_dht(
     config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False, *, secret: RunSecret | None = None
 ) -> hivemind.DHT:
@@ -149,8 +162,8 @@ def start_dht(
 
     Waits at most `dht_startup_timeout + bootstrap_timeout` seconds. Raises P2PColdError when the
     fixed port is taken (before anything starts), the daemon does not start or none of the initial
-    peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
-    cannot lead groups or serve its state. `secret`: the run secret of a private swarm (None: an open
+    peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only
+    dials out (behind NAT); it can average but cannot lead groups or serve its state. Relays: `relay_options`. `secret`: the run secret of a private swarm (None: an open
     swarm, which anyone can join); only nodes holding the same secret can talk to this one.
     """
     validate_swarm_config(config)
@@ -176,6 +189,7 @@ def start_dht(
         client_mode=client_mode,
         shutdown_timeout=config.shutdown_timeout,
         authorizer=None if secret is None else SecretAuthorizer(secret),
+        **relay_options(config, client_mode),
     )
     daemons: set[tuple[int, int]] = set()
     _DAEMONS[dht.pid] = daemons

@@ -65,6 +65,7 @@ class PeerProgress:
     fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
     fusion_seconds: float | None = None  # how long the last boundary took (waiting for peers and all-reduce)
     trained_iteration: int | None = None  # the iteration whose finetuning gave train_loss, dev_accuracy, examples_per_second
+    mode: str = "public"  # a reachability.Mode value: `client` peers are behind NAT (dial out only)
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
@@ -76,6 +77,7 @@ class PeerProgress:
             and isinstance(progress.phase, str)
             and isinstance(progress.last_group, (list, tuple))
             and isinstance(progress.fusion_attempts, int)
+            and isinstance(progress.mode, str)
         ):
             return None
         return progress
@@ -97,7 +99,7 @@ def publish_progress(
     if ttl <= 0:
         raise P2PColdError("swarm: progress ttl must be positive")
     record = dataclasses.asdict(dataclasses.replace(progress, last_seen=time.time()))
-    for name in ("phase", "last_fusion"):  # plain strings on the wire, not enum members
+    for name in ("phase", "last_fusion", "mode"):  # plain strings on the wire, not enum members
         if isinstance(record[name], enum.Enum):
             record[name] = record[name].value
     record["last_group"] = list(record["last_group"])

@@ -20,6 +20,7 @@ import yaml
 from toy_data import write_toy_datasets
 
 FAST_SWARM = {  # loopback timings: small enough for tests, with the same structure as the defaults
+    "host": "127.0.0.1",  # tests stay on loopback (`p2pcold peer` alone would listen on every interface)
     "matchmaking_time": 3.0,
     "request_timeout": 1.0,
     "boundary_deadline": 45.0,
@@ -62,16 +63,19 @@ class SwarmProcesses:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, *args: str, stdout_file: Path | None = None, tag: str | None = None, program: tuple[str, ...] = CLI) -> subprocess.Popen:
+    def start(
+        self, name: str, *args: str, stdout_file: Path | None = None, tag: str | None = None, program: tuple[str, ...] = CLI, launcher: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
         """Start `p2pcold ARGS` logging to NAME.log (stdout too, unless `stdout_file` is given); `tag`
         marks it and all its descendants for `tagged_processes`. `program`: what Python runs instead of
-        the CLI module, e.g. a test launcher that injects a fault and then runs the CLI."""
+        the CLI module, e.g. a test launcher that injects a fault and then runs the CLI. `launcher`: a
+        command that execs Python, e.g. `ip netns exec NS` (it must exec, so that the process leads its group)."""
         log = self.folder / f"{name}.log"
         self.logs[name] = log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **tag_environment(tag)}
         with open(log, "w") as err, open(stdout_file or os.devnull, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, *program, *args],
+                [*launcher, sys.executable, *program, *args],
                 stdout=out if stdout_file else err,
                 stderr=subprocess.STDOUT if stdout_file is None else err,
                 env=env,
@@ -80,20 +84,22 @@ class SwarmProcesses:
         self.procs.append(proc)
         return proc
 
-    def bootstrap(self, config: Path, *extra: str, timeout: float = 60) -> str:
-        maddrs = self.folder / "maddrs.txt"
-        self.start("bootstrap", "bootstrap", "--config", str(config), "--maddrs-file", str(maddrs), *extra)
+    def bootstrap(self, config: Path, *extra: str, timeout: float = 60, name: str = "bootstrap", launcher: tuple[str, ...] = ()) -> str:
+        maddrs = self.folder / f"{name}.maddrs"
+        self.start(name, "bootstrap", "--config", str(config), "--maddrs-file", str(maddrs), *extra, launcher=launcher)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if maddrs.is_file() and maddrs.read_text().strip():
                 return maddrs.read_text().split()[0]
             time.sleep(0.2)
-        raise TimeoutError(f"bootstrap did not print its address within {timeout} s:\n{self.log('bootstrap')}")
+        raise TimeoutError(f"{name} did not print its address within {timeout} s:\n{self.log(name)}")
 
-    def peer(self, name: str, config: Path, dataset: str, maddr: str, *extra: str, run_dir: Path | None = None, program: tuple[str, ...] = CLI) -> subprocess.Popen:
+    def peer(
+        self, name: str, config: Path, dataset: str, maddr: str, *extra: str, run_dir: Path | None = None, program: tuple[str, ...] = CLI, launcher: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
         run_dir = run_dir or self.folder / name
         args = ("peer", "--config", str(config), "--dataset", dataset, "--initial-peers", maddr, "--run-dir", str(run_dir), *extra)
-        return self.start(name, *args, program=program)
+        return self.start(name, *args, program=program, launcher=launcher)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text() if name in self.logs else ""
