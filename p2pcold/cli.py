@@ -188,11 +188,11 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
+    from p2pcold.swarm import run_record_validators, start_dht, stop_dht, visible_maddrs
 
     config = _swarm_run_config(args)
     raise_on_sigterm()
-    dht = start_dht(config.swarm, args.initial_peers)
+    dht = start_dht(config.swarm, args.initial_peers, record_validators=run_record_validators(config.run_id, config.iterations))
     repository = None
     try:
         maddrs = visible_maddrs(dht, config.swarm.local_rpc_timeout)
@@ -223,11 +223,12 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
 
-    from p2pcold.swarm import read_progress, start_dht, stop_dht
+    from p2pcold.swarm import read_progress, run_record_validators, start_dht, stop_dht
 
-    dht = start_dht(config.swarm, args.initial_peers, client_mode=True)
+    validators = run_record_validators(config.run_id, config.iterations)
+    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, record_validators=validators)
     try:
-        records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+        records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
     finally:
         stop_dht(dht, grace_s=config.swarm.shutdown_timeout)
     rows = [dataclasses.asdict(r) for r in records]

@@ -444,6 +444,10 @@ class SwarmConfig(_Section):
     # Private key file giving a stable peer id (created on first use). A bootstrap peer needs one so
     # that its multiaddr, which contains the peer id, stays valid across restarts. None: a random id.
     identity_path: str | None = None
+    # sha256 of θ0 (utils.state_dict_hash; `p2pcold: error: ... pin θ0 ...` prints it) that this run must
+    # start from. Pinned, the run config is the authority on the run's identity: an identity record in
+    # the DHT that differs from it (a forged one included) is ignored instead of refusing this peer.
+    theta0_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     # --- averaging
     # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression) or `8bit`

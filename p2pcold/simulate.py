@@ -247,12 +247,13 @@ class Simulation:
     def _refresh_progress(self) -> dict[str, tuple[int, str]]:
         """dataset -> (iteration, phase), from the swarm's progress records; a peer whose record
         expired (it finished or died) keeps its last known state."""
-        from p2pcold.swarm import read_progress, start_dht
+        from p2pcold.swarm import read_progress, run_record_validators, start_dht
 
+        config = self.config
         try:
             if self.dht is None:
-                self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True)
-            records = read_progress(self.dht, self.config.run_id, self.config.swarm.dht_request_timeout)
+                self.dht = start_dht(config.swarm, [self.maddr], client_mode=True, record_validators=run_record_validators(config.run_id, config.iterations))
+            records = read_progress(self.dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
             self.progress.update({p.dataset: (p.iteration, p.phase) for p in records})
         except P2PColdError as e:
             log.debug("progress not available: %s", e)

@@ -24,13 +24,16 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, stragglers, swarm_is_ahead
+from p2pcold.swarm.state_check import StateCheck, trusted_bodies
+from p2pcold.utils import state_dict_hash
 
 
 class DecentralizedPeer(SwarmPeer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_group: set[str] = set()  # peer ids of the others in the last group this peer fused with
+        self.stragglers: frozenset[str] = frozenset()  # peer ids waited for in vain (boundary.stragglers)
 
     def _load_start_state(self) -> None:
         if self.initial_peers:
@@ -40,18 +43,35 @@ class DecentralizedPeer(SwarmPeer):
     def _adopt(self, at_least: int, attempts: int = 0, failure: str | None = None) -> bool:
         """Download the swarm's newest base; adopt it when its iteration is `at_least` or more. `attempts`
         and `failure`: this boundary's own fusion attempts before it, kept in the record."""
-        self.tracker.update(phase=Phase.DOWNLOADING)
-        downloaded = self.averager.download_state()
-        if downloaded is None or downloaded[0] < at_least:
+        downloaded = self._download_trusted(at_least)
+        if downloaded is None:
             return False
         log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
         self.state.iteration, self.state.base = downloaded
         self.last_group = set()
         record = fusion_record(FusionOutcome.ADOPTED.value, [], attempts, failure)
-        self.tracker.update(iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure)
+        self.tracker.update(
+            iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure,
+            body_hash=state_dict_hash(self.state.base),
+        )  # fmt: skip
         self.averager.set_shared_state(self.iteration, self.state.base)
         self.save_checkpoint(record)
         return True
+
+    def _download_trusted(self, at_least: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """A base of iteration `at_least` or newer that the swarm's records vouch for (state_check), asked
+        again within state_download_timeout while one is vouched for: a donor may serve a base newer than
+        the records this peer has seen yet. None at once when no record vouches for one."""
+        swarm = self.config.swarm
+        check = StateCheck(self.config.iterations, at_least, trusted=lambda: trusted_bodies(self.tracker.snapshot().records))
+        deadline = time.monotonic() + swarm.state_download_timeout
+        while check.worth_asking() and time.monotonic() < deadline:
+            self.tracker.update(phase=Phase.DOWNLOADING)
+            downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
+            if downloaded is not None:
+                return downloaded
+            self.tracker.wait_for_update(swarm.poll_interval)
+        return None
 
     # ------------------------------------------------------------------ train
 
@@ -108,8 +128,10 @@ class DecentralizedPeer(SwarmPeer):
         def abort() -> bool:  # stop looking for a group once the swarm has left this boundary
             return swarm_is_ahead(i, self.tracker.snapshot().peers)
 
+        self.stragglers = stragglers(self.stragglers, (), self.tracker.snapshot().peers)  # forgive those who arrived since
         while True:
-            decision = decide(i, self.tracker.snapshot().peers, self.last_group, time.monotonic(), wait_until, last_start)
+            peers = self.tracker.snapshot().peers
+            decision = decide(i, peers, self.last_group, time.monotonic(), wait_until, last_start, self.stragglers)
             if isinstance(decision, Wait):
                 self.tracker.wait_for_update(swarm.poll_interval)
                 continue
@@ -122,6 +144,7 @@ class DecentralizedPeer(SwarmPeer):
                 if decision.not_waited_for and not warned:
                     log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
                     warned = True
+                    self.stragglers = stragglers(self.stragglers, decision.not_waited_for, peers)
                 fused = self._fuse(contribution, end - time.monotonic(), abort=abort)
                 attempts += fused.attempts
                 if fused.ok:
@@ -149,6 +172,7 @@ class DecentralizedPeer(SwarmPeer):
         self.state.iteration, self.state.base = self.iteration + 1, base
         self.tracker.update(
             iteration=self.iteration,
+            body_hash=state_dict_hash(base),
             last_fusion=record["status"],
             last_group=record["members"],
             last_group_size=group_size,

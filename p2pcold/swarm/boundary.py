@@ -17,7 +17,7 @@ boundary failed and another peer of iteration i fused), Wait (that may still hap
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 from p2pcold.swarm.progress import FusionOutcome, PeerProgress, Phase
 
@@ -59,12 +59,18 @@ Decision = Wait | Fuse | Adopt | Solo | Train
 # --------------------------------------------------------------------------- predicates
 
 
+AHEAD_QUORUM = 2  # records needed to believe that the swarm is at a newer iteration (one may be a rogue's)
+
+
+def corroborated_iteration(peers: Iterable[PeerProgress]) -> int:
+    """The newest iteration that at least AHEAD_QUORUM peers hold or passed (-1: fewer peers than that).
+    One record alone (a rogue's, a ghost's) never moves a peer on."""
+    newest_first = sorted((p.iteration for p in peers), reverse=True)
+    return newest_first[AHEAD_QUORUM - 1] if len(newest_first) >= AHEAD_QUORUM else -1
+
+
 def swarm_is_ahead(iteration: int, peers: Iterable[PeerProgress]) -> bool:
-    return any(p.iteration > iteration for p in peers)
-
-
-def newest_iteration(peers: Iterable[PeerProgress]) -> int:
-    return max((p.iteration for p in peers), default=-1)
+    return corroborated_iteration(peers) > iteration
 
 
 def pending_peers(iteration: int, peers: Iterable[PeerProgress], last_group: Iterable[str]) -> tuple[str, ...]:
@@ -109,6 +115,16 @@ def peers_behind(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ..
     )
 
 
+def stragglers(known: Collection[str], missed: Iterable[str], peers: Iterable[PeerProgress]) -> frozenset[str]:
+    """Peer ids not to wait for at the next boundaries: `known` ones and the datasets a wait just missed
+    (`missed`, as in Fuse.not_waited_for), minus those whose record now shows them at a boundary
+    (averaging): a slow peer is waited for again once it proves that it gets there."""
+    missed = set(missed)
+    peers = list(peers)
+    arrived = {p.peer_id for p in peers if p.phase == Phase.AVERAGING}
+    return frozenset((set(known) | {p.peer_id for p in peers if p.dataset in missed}) - arrived)
+
+
 def duplicate_dataset_peers(records: Iterable[PeerProgress], dataset: str, first_seen: Mapping[str, float]) -> tuple[str, ...]:
     """Peer ids of the other live peers on `dataset`: their record was published again since this peer
     first saw it (`first_seen`: peer id -> last_seen then), or appeared only later. The record a
@@ -126,16 +142,19 @@ def decide(
     now: float,
     wait_until: float,
     deadline: float,
+    not_waiting_for: Collection[str] = (),
 ) -> Decision:
     """What to do at boundary `iteration` at time `now` (the caller's clock; `wait_until` <= `deadline`).
 
-    `last_group`: peer ids of the others in this peer's last group."""
+    `last_group`: peer ids of the others in this peer's last group. `not_waiting_for`: peer ids this
+    peer waited for in vain at an earlier boundary (`stragglers`): a record that says "finetuning"
+    forever (a ghost) costs one bounded wait, not one per boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = newest_iteration(peers)
+        newest = corroborated_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if now >= deadline:
         return Solo("the boundary deadline passed")
-    pending = pending_peers(iteration, peers, last_group)
+    pending = pending_peers(iteration, [p for p in peers if p.peer_id not in not_waiting_for], last_group)
     waiting = now < wait_until
     if pending and waiting:
         return Wait("peers still on their way", pending)
@@ -160,7 +179,7 @@ def decide_start(
     same iteration when another peer reports one, so that the swarm does not keep two bodies alive; it
     waits for that (until `wait_until`) while peers are still at the previous boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = newest_iteration(peers)
+        newest = corroborated_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if last_fusion not in KEPT_OWN_UPDATE:
         return Train()

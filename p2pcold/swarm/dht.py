@@ -11,18 +11,23 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Sequence
 
 import hivemind
-from hivemind.p2p import PeerID
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _compat, _procs
+from p2pcold.swarm.records import load_signing_key, owner_subkey
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -141,13 +146,37 @@ def check_identity_file(path: Path) -> None:
         ) from None
 
 
-def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False) -> hivemind.DHT:
+class SigningIdentity:
+    """The RSA key a node signs its records with, which is also its p2pd identity (so a record's owner
+    mark names its writer's peer id). Without `identity_path`, a fresh key in a private temporary
+    folder, deleted once p2pd has read it."""
+
+    def __init__(self, identity_path: str | None):
+        self.is_user_file = identity_path is not None
+        self._folder = None if self.is_user_file else tempfile.mkdtemp(prefix="p2pcold-key-")
+        self.path = identity_path if self.is_user_file else os.path.join(self._folder, "identity.key")
+        if not os.path.exists(self.path):
+            P2P.generate_identity(self.path)
+        self.key = load_signing_key(self.path)
+
+    def forget_fresh_key(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def start_dht(
+    config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False, record_validators: Sequence[RecordValidatorBase] = ()
+) -> hivemind.DHT:
     """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
 
     Waits at most `dht_startup_timeout + bootstrap_timeout` seconds. Raises P2PColdError when the
     fixed port is taken (before anything starts), the daemon does not start or none of the initial
     peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only dials out (behind NAT); it can average but
     cannot lead groups or serve its state.
+
+    The node signs the records it owns with its p2pd identity key (an RSA key: `identity_path`, or a
+    fresh one), and refuses stores of owned records that their owner did not sign; `record_validators`
+    (e.g. `validation.run_record_validators`) check the run's records on top of that.
     """
     validate_swarm_config(config)
     _compat.apply()
@@ -159,13 +188,16 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
     check_port_free(config.host, config.port)
     bound = config.dht_startup_timeout + config.bootstrap_timeout
     started = time.monotonic()
+    identity = SigningIdentity(config.identity_path)
     dht = _SwarmDHT(
         initial_peers=initial or None,
         start=True,
         await_ready=False,  # hivemind would wait without a bound
         host_maddrs=[listen],
         announce_maddrs=announce or None,
-        identity_path=config.identity_path,
+        identity_path=identity.path,
+        check_if_identity_free=identity.is_user_file,  # a fresh random key is never taken
+        record_validators=[RSASignatureValidator(identity.key), *record_validators],
         startup_timeout=config.dht_startup_timeout,
         client_mode=client_mode,
         shutdown_timeout=config.shutdown_timeout,
@@ -183,6 +215,7 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
             pass
         except BaseException as e:  # the DHT process reports its start-up failure here
             error = e
+    identity.forget_fresh_key()  # p2pd has read it; the key lives on in this process only
     if ready:
         try:
             _call(dht, _get_peer_id, config.local_rpc_timeout)  # proves the node answers
@@ -201,6 +234,7 @@ def start_dht(config: SwarmConfig, initial_peers: Sequence[str], client_mode: bo
             raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}): {reason}")
         raise P2PColdError(f"swarm: could not start a DHT node for {where}: {reason}")
     daemons.update(_procs.children(dht.pid, "p2pd"))
+    dht.record_owner = owner_subkey(identity.key)
     logger.info("DHT node %s up in %.1f s", dht.peer_id, time.monotonic() - started)
     return dht
 
