@@ -5,7 +5,8 @@ No I/O and no clock of its own: every function takes the other peers' progress r
 are tested with tables of records (tests/swarm/test_boundary.py). docs/protocol.md has the table.
 
 At the boundary of iteration i (this peer has finetuned θ_i), `decide` returns
-    Adopt  the swarm is past i: download its newer base instead of pushing a stale update
+    Adopt  the swarm is past i (two peers' records vouch for one newer base): download it instead of
+           pushing a stale update
     Solo   the deadline passed, or nobody else is at i: keep this peer's own update
     Wait   peers at i are still joining / downloading / finetuning, or members of the last group have
            not republished yet: wait for them (until `wait_until`), so the group forms with everyone
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Sequence
 
 from p2pcold.swarm.progress import FusionOutcome, PeerProgress, Phase
+from p2pcold.swarm.state_check import trusted_bodies
 
 STILL_COMING = (Phase.JOINING, Phase.DOWNLOADING, Phase.FINETUNING)  # on their way to the boundary
 KEPT_OWN_UPDATE = (FusionOutcome.FAILED, FusionOutcome.SOLO)  # outcomes that leave a second body alive
@@ -59,18 +61,15 @@ Decision = Wait | Fuse | Adopt | Solo | Train
 # --------------------------------------------------------------------------- predicates
 
 
-AHEAD_QUORUM = 2  # records needed to believe that the swarm is at a newer iteration (one may be a rogue's)
-
-
-def corroborated_iteration(peers: Iterable[PeerProgress]) -> int:
-    """The newest iteration that at least AHEAD_QUORUM peers hold or passed (-1: fewer peers than that).
-    One record alone (a rogue's, a ghost's) never moves a peer on."""
-    newest_first = sorted((p.iteration for p in peers), reverse=True)
-    return newest_first[AHEAD_QUORUM - 1] if len(newest_first) >= AHEAD_QUORUM else -1
+def vouched_iteration(peers: Iterable[PeerProgress]) -> int:
+    """The newest iteration whose base at least TRUST_QUORUM peers' records publish with one hash (a
+    group fused it); -1 when none. One record alone (a rogue's, a ghost's), or records that disagree,
+    never move a peer on, and a base this says exists is one that state_check lets it adopt."""
+    return max(trusted_bodies(peers), default=-1)
 
 
 def swarm_is_ahead(iteration: int, peers: Iterable[PeerProgress]) -> bool:
-    return corroborated_iteration(peers) > iteration
+    return vouched_iteration(peers) > iteration
 
 
 def pending_peers(iteration: int, peers: Iterable[PeerProgress], last_group: Iterable[str]) -> tuple[str, ...]:
@@ -150,7 +149,7 @@ def decide(
     peer waited for in vain at an earlier boundary (`stragglers`): a record that says "finetuning"
     forever (a ghost) costs one bounded wait, not one per boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = corroborated_iteration(peers)
+        newest = vouched_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if now >= deadline:
         return Solo("the boundary deadline passed")
@@ -179,7 +178,7 @@ def decide_start(
     same iteration when another peer reports one, so that the swarm does not keep two bodies alive; it
     waits for that (until `wait_until`) while peers are still at the previous boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = corroborated_iteration(peers)
+        newest = vouched_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if last_fusion not in KEPT_OWN_UPDATE:
         return Train()

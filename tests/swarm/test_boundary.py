@@ -22,8 +22,12 @@ from p2pcold.swarm.boundary import (
 from p2pcold.swarm.tracker import newest_per_dataset
 
 
-def peer(dataset: str, iteration: int, phase: str, *, last_fusion: str | None = None, last_seen: float = 100.0, peer_id: str | None = None) -> PeerProgress:
-    return PeerProgress(peer_id or f"id-{dataset}", dataset, iteration, phase, last_seen=last_seen, last_fusion=last_fusion)
+def peer(
+    dataset: str, iteration: int, phase: str, *, last_fusion: str | None = None, last_seen: float = 100.0, peer_id: str | None = None, body: str = "f"
+) -> PeerProgress:
+    """A record; `body`: one hex digit standing for the base it holds (same digit, same base)."""
+    body_hash = body * 64
+    return PeerProgress(peer_id or f"id-{dataset}", dataset, iteration, phase, last_seen=last_seen, last_fusion=last_fusion, body_hash=body_hash)
 
 
 # decide(iteration=2, peers, last_group, now, wait_until=10, deadline=20)
@@ -37,10 +41,12 @@ BOUNDARY = [
     ("a joiner and a downloader count as on their way", [peer("b", 2, "joining"), peer("c", 2, "downloading")], set(), 3, Wait("peers still on their way", ("b", "c"))),
     ("two peers ahead: adopt their base", [peer("b", 3, "finetuning"), peer("c", 3, "averaging"), peer("d", 2, "averaging")], set(), 0, Adopt(3, "the swarm is at iteration 3")),
     ("peers ahead win even past the deadline", [peer("b", 4, "done"), peer("c", 4, "done")], set(), 25, Adopt(4, "the swarm is at iteration 4")),
+    ("one record far ahead is not the swarm either", [peer("rogue", 9, "done", body="9"), peer("c", 4, "done")], set(), 12, Solo("nobody else at iteration 2")),
     # issue 8: one record is not the swarm (a rogue's, a ghost's): it must not move anybody on
     ("one record ahead is not the swarm", [peer("b", 3, "finetuning"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
     ("one record at 2**32 - 1 moves nobody", [peer("rogue", 2**32 - 1, "done"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
-    ("one record far ahead: the second newest decides", [peer("rogue", 9, "done"), peer("c", 4, "done")], set(), 0, Adopt(4, "the swarm is at iteration 4")),
+    ("two records ahead that disagree on the base are not the swarm", [peer("r1", 8, "finetuning", body="1"), peer("r2", 8, "finetuning", body="2"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
+    ("a rogue far ahead does not hide the group's base", [peer("rogue", 9, "done", body="9"), peer("c", 4, "done"), peer("d", 4, "done")], set(), 0, Adopt(4, "the swarm is at iteration 4")),
     ("deadline passed", [peer("b", 2, "averaging")], set(), 20, Solo("the boundary deadline passed")),
     (
         "a last-group member not yet republished",
