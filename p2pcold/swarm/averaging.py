@@ -181,7 +181,7 @@ class _SwarmAverager(DecentralizedAverager):
         super().run()
 
     def download_state_from(self, donor: str, chunk_timeout: float, max_bytes: int) -> MPFuture:
-        """(metadata, tensors) served by `donor`, or None; in the averager process (see `_download_state_from`)."""
+        """(metadata, tensors) served by `donor`, or why not (a str); in the averager process."""
         future = MPFuture()
         self._outer_pipe.send(("_download_state_from", [], dict(donor=donor, chunk_timeout=chunk_timeout, max_bytes=max_bytes, future=future)))
         return future
@@ -205,10 +205,9 @@ class _SwarmAverager(DecentralizedAverager):
                 parts.append(message.tensor_part)
             if parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            future.set_result(None if metadata is None else (metadata, tensors))
-        except Exception as e:  # a donor that left, a broken stream, a malformed message: one line
-            logger.warning("state download from %s failed: %s", donor, f"{type(e).__name__}: {e}"[:300])
-            future.set_result(None)
+            future.set_result("it sent no state" if metadata is None else (metadata, tensors))
+        except Exception as e:  # a donor that left, a broken stream, a malformed message: the caller logs it
+            future.set_result(f"{type(e).__name__}: {e}"[:300])
 
     def get_current_state(self):  # runs in the host process, in hivemind's background thread
         metadata, tensors = self._state_provider()
@@ -649,7 +648,8 @@ class BodyAverager:
                 future.cancel()
                 logger.warning("state download from %s did not finish within %.0f s", donor, remaining)
                 continue
-            if loaded is None:
+            if isinstance(loaded, str):
+                logger.warning("state download from %s failed: %s", donor, loaded)
                 continue
             state, problem = self._parse_state(*loaded)
             if state is not None and check is not None:
