@@ -184,13 +184,14 @@ class DecentralizedPeer(SwarmPeer):
         self.save_checkpoint(record)
 
     def _serve_final_state(self) -> None:
-        """Keep serving θ_N while another live peer may still need it: a straggler, or one whose last
-        boundary did not fuse (it adopts the final base instead of ending the run with its own)."""
+        """Keep serving θ_N while another live peer may still need it: a slow peer, or one whose last
+        boundary did not fuse (it adopts the final base instead of ending the run with its own). Not for
+        a straggler that boundaries stopped waiting for (a ghost, a rogue's record)."""
         swarm = self.config.swarm
         started = time.monotonic()
         behind: tuple[str, ...] = ()
         while time.monotonic() < started + swarm.boundary_deadline:
-            behind = peers_behind(self.iteration, self.tracker.snapshot().peers)
+            behind = peers_behind(self.iteration, [p for p in self.tracker.snapshot().peers if p.peer_id not in self.stragglers])
             if not behind:
                 if time.monotonic() - started > 2 * swarm.poll_interval:
                     log.info("served the final base for %.0f s until every live peer had it", time.monotonic() - started)

@@ -80,7 +80,8 @@ def main(config_path: str, maddr: str, ready_file: str) -> None:
                 put_record(g, progress_key(run_id), f"QmFakePeer{i}", record(g, f"fake{i}", 1, "averaging"), ttl=60, timeout=5)
             # the ghost: always "finetuning", at the newest iteration an honest peer reports
             newest = max((v.get("iteration", 0) for v in honest.values() if isinstance(v, dict)), default=0)
-            publish_progress(h, run_id, PeerProgress(peer_id(h), "ghost", min(newest, config.iterations), Phase.FINETUNING), 60, 5)
+            # (a longer ttl than the record at 2**32 it replaces: the DHT keeps the later-expiring value)
+            publish_progress(h, run_id, PeerProgress(peer_id(h), "ghost", min(newest, config.iterations), Phase.FINETUNING), 7200, 5)
             time.sleep(1.0)
     finally:
         for averager in averagers.values():
