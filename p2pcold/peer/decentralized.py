@@ -52,7 +52,7 @@ class DecentralizedPeer(SwarmPeer):
         record = fusion_record(FusionOutcome.ADOPTED.value, [], attempts, failure)
         self.tracker.update(
             iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure,
-            body_hash=state_dict_hash(self.state.base),
+            body_hash=state_dict_hash(self.state.base), last_group_peers=[],
         )  # fmt: skip
         self.averager.set_shared_state(self.iteration, self.state.base)
         self.save_checkpoint(record)
@@ -151,7 +151,7 @@ class DecentralizedPeer(SwarmPeer):
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
                     log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
                     self.last_group = set(fused.members) - {self.peer_id}
-                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size)
+                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, sorted(fused.members))
                     return
                 if fused.status is not FusionStatus.ABORTED:  # stopping the search is not a failure
                     failure = fused.reason
@@ -166,13 +166,14 @@ class DecentralizedPeer(SwarmPeer):
             self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1)
             return
 
-    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int) -> None:
+    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, group_peers: list[str] = ()) -> None:
         """θ_{i+1} = `base`: published with what the boundary produced, checkpointed, and served when fused
         (an unfused base is served only once `_converge` found no fused one to adopt)."""
         self.state.iteration, self.state.base = self.iteration + 1, base
         self.tracker.update(
             iteration=self.iteration,
             body_hash=state_dict_hash(base),
+            last_group_peers=list(group_peers),
             last_fusion=record["status"],
             last_group=record["members"],
             last_group_size=group_size,

@@ -65,6 +65,9 @@ class PeerProgress:
     fusion_attempts: int = 0  # all-reduce attempts made at the last boundary
     fusion_error: str | None = None  # why the last boundary did not fuse (last failure reason)
     body_hash: str | None = None  # utils.state_dict_hash of the base θ_iteration this peer holds (and serves)
+    # peer ids of the group that fused this base, this peer's included, sorted (empty unless last_fusion is ok):
+    # members' bodies differ by rounding, so the group, not the hash, tells that they hold one base
+    last_group_peers: list[str] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: object) -> "PeerProgress | None":
@@ -91,6 +94,9 @@ class PeerProgress:
             and all(_text(name, MAX_NAME_CHARS) for name in self.last_group),
             "fusion_attempts": _integer(self.fusion_attempts, 0, MAX_ATTEMPTS),
             "fusion_error": self.fusion_error is None or _text(self.fusion_error, MAX_ERROR_CHARS),
+            "last_group_peers": isinstance(self.last_group_peers, (list, tuple))
+            and len(self.last_group_peers) <= MAX_GROUP
+            and all(_text(peer, MAX_ID_CHARS) for peer in self.last_group_peers),
             "body_hash": self.body_hash is None or (isinstance(self.body_hash, str) and HASH.fullmatch(self.body_hash) is not None),
         }
         return [name for name, ok in checks.items() if not ok]
@@ -148,7 +154,7 @@ def publish_progress(
     for name in ("phase", "last_fusion"):  # plain strings on the wire, not enum members
         if isinstance(record[name], enum.Enum):
             record[name] = record[name].value
-    record["last_group"] = list(record["last_group"])
+    record["last_group"], record["last_group_peers"] = list(record["last_group"]), list(record["last_group_peers"])
     for name in ("train_loss", "dev_accuracy", "examples_per_second"):
         value = record[name]
         if value is not None and not math.isfinite(value):

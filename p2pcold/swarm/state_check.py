@@ -4,9 +4,10 @@ A state donor is any peer that announces itself; nothing proves that what it ser
 fused body. A body is adopted only when
   * its iteration lies within the run (at most `iterations`) and is the one the caller needs or newer,
   * every value is finite, and
-  * its hash (utils.state_dict_hash) is *trusted*: at least TRUST_QUORUM peers' progress records at that
-    iteration publish it. Members of a fused group all hold (and serve) the same body, so after a real
-    fusion one honest donor is enough for a late joiner: the other members' records vouch for it.
+  * its hash (utils.state_dict_hash) is *vouched for* by the progress records (`trusted_bodies`):
+    another peer publishes the same hash, or another member of the group that fused it names the same
+    group. After a real fusion one honest donor is thus enough for a late joiner: the other members'
+    records vouch for what it serves.
     A donor serving anything else (garbage, NaN, a body no record vouches for) is refused and the
     next donor is asked.
 """
@@ -22,19 +23,30 @@ import torch
 from p2pcold.swarm.progress import PeerProgress
 from p2pcold.utils import state_dict_hash
 
-TRUST_QUORUM = 2  # distinct peers' records that must publish a body's hash
+TRUST_QUORUM = 2  # peers whose records must vouch for a body
 
 
 def trusted_bodies(records: Iterable[PeerProgress]) -> dict[int, frozenset[str]]:
-    """iteration -> the body hashes that at least TRUST_QUORUM distinct peers' records publish."""
-    vouchers: dict[tuple[int, str], set[str]] = defaultdict(set)
-    for record in records:
-        if record.body_hash:
-            vouchers[(record.iteration, record.body_hash)].add(record.peer_id)
+    """iteration -> the hashes of the bases that the records vouch for. A record's base (its iteration
+    and body_hash) is vouched for when another peer's record
+      * publishes the same hash at that iteration (an exact copy: a peer that adopted it), or
+      * names the same fused group at that iteration, with both peers in it (`last_group_peers`):
+        members of a group hold one base, equal up to rounding, and each serves its own copy.
+    One record alone (a rogue's, however often it republishes) vouches for nothing."""
+    records = [r for r in records if r.body_hash]
+    by_hash: dict[tuple[int, str], set[str]] = defaultdict(set)
+    by_group: dict[tuple[int, tuple[str, ...]], set[str]] = defaultdict(set)
+    for r in records:
+        by_hash[(r.iteration, r.body_hash)].add(r.peer_id)
+        group = tuple(r.last_group_peers)
+        if len(group) >= TRUST_QUORUM and r.peer_id in group:
+            by_group[(r.iteration, group)].add(r.peer_id)
     trusted: dict[int, set[str]] = defaultdict(set)
-    for (iteration, body_hash), peers in vouchers.items():
-        if len(peers) >= TRUST_QUORUM:
-            trusted[iteration].add(body_hash)
+    for r in records:
+        copies = len(by_hash[(r.iteration, r.body_hash)])
+        members = len(by_group.get((r.iteration, tuple(r.last_group_peers)), ()))
+        if copies >= TRUST_QUORUM or (r.peer_id in r.last_group_peers and members >= TRUST_QUORUM):
+            trusted[r.iteration].add(r.body_hash)
     return {iteration: frozenset(hashes) for iteration, hashes in trusted.items()}
 
 

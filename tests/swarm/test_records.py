@@ -193,10 +193,26 @@ def _body(value: float):
     return {"w": torch.full((3, 2), value), "b": torch.full((2,), value)}
 
 
-def _record(peer: str, iteration: int, body) -> PeerProgress:
+def _record(peer: str, iteration: int, body, group: list[str] = ()) -> PeerProgress:
     from p2pcold.utils import state_dict_hash
 
-    return PeerProgress(peer, f"d-{peer}", iteration, "finetuning", body_hash=state_dict_hash(body))
+    return PeerProgress(peer, f"d-{peer}", iteration, "finetuning", body_hash=state_dict_hash(body), last_group_peers=list(group))
+
+
+def test_the_members_of_a_fused_group_vouch_for_each_others_copy():
+    """Members' fused bodies differ by rounding (hivemind adds the average as a delta to each one's own
+    part): the group they both name, not the hash, vouches. A rogue naming an honest group is not in it."""
+    from p2pcold.swarm.state_check import trusted_bodies
+
+    a_copy, b_copy, garbage = _body(0.5), _body(0.5 + 1e-7), _body(9.0)
+    group = sorted(["a", "b"])
+    a, b = _record("a", 3, a_copy, group), _record("b", 3, b_copy, group)
+    assert trusted_bodies([a, b]) == {3: frozenset([a.body_hash, b.body_hash])}
+    assert trusted_bodies([a]) == {}  # its group-mate's record is gone: nothing vouches
+    intruder = _record("rogue", 3, garbage, group)  # claims the honest group, but is not in it
+    assert trusted_bodies([a, intruder]) == {}
+    pair = _record("rogue", 3, garbage, sorted(["a", "rogue"]))  # a group that a never names
+    assert trusted_bodies([a, pair]) == {}
 
 
 def test_a_downloaded_body_is_adopted_only_when_two_peers_vouch_for_it():
