@@ -5,7 +5,7 @@ No I/O and no clock of its own: every function takes the other peers' progress r
 are tested with tables of records (tests/swarm/test_boundary.py). docs/protocol.md has the table.
 
 At the boundary of iteration i (this peer has finetuned θ_i), `decide` returns
-    Adopt  the swarm is past i (two peers' records vouch for one newer base): download it instead of
+    Adopt  the swarm is past i (two peers' records vouch for a newer base): download it instead of
            pushing a stale update
     Solo   the deadline passed, or nobody else is at i: keep this peer's own update
     Wait   peers at i are still joining / downloading / finetuning, or members of the last group have
@@ -62,9 +62,10 @@ Decision = Wait | Fuse | Adopt | Solo | Train
 
 
 def vouched_iteration(peers: Iterable[PeerProgress]) -> int:
-    """The newest iteration whose base at least TRUST_QUORUM peers' records publish with one hash (a
-    group fused it); -1 when none. One record alone (a rogue's, a ghost's), or records that disagree,
-    never move a peer on, and a base this says exists is one that state_check lets it adopt."""
+    """The newest iteration of a base that another peer's record vouches for (state_check.trusted_bodies:
+    the same hash, or the same fused group); -1 when none. One record alone (a rogue's, a ghost's), or
+    records that disagree, never move a peer on, and a base this says exists is one that state_check
+    lets it adopt."""
     return max(trusted_bodies(peers), default=-1)
 
 

@@ -80,5 +80,5 @@ class StateCheck:
         if self.trusted is not None:
             body_hash = state_dict_hash(body)
             if body_hash not in self.trusted().get(iteration, frozenset()):
-                return f"its hash {body_hash[:12]}… is not published by {TRUST_QUORUM} peers at iteration {iteration}"
+                return f"its hash {body_hash[:12]}… is not vouched for by the records at iteration {iteration}"
         return None

@@ -224,8 +224,8 @@ def test_a_downloaded_body_is_adopted_only_when_two_peers_vouch_for_it():
     assert trusted == {3: frozenset([_record("a", 3, fused).body_hash])}
     check = StateCheck(iterations=10, at_least=3, trusted=lambda: trusted)
     assert check.worth_asking() and check.problem(3, fused) is None
-    assert "not published by 2 peers" in check.problem(8, garbage)
-    assert "not published by 2 peers" in check.problem(3, garbage)
+    assert "not vouched for" in check.problem(8, garbage)
+    assert "not vouched for" in check.problem(3, garbage)
     assert "non-finite" in check.problem(3, _body(float("nan")))
     assert "outside 3..10" in check.problem(2**32, fused)
     assert "outside 3..10" in check.problem(2, fused)
