@@ -60,16 +60,21 @@ class DecentralizedPeer(SwarmPeer):
 
     def _download_trusted(self, at_least: int) -> tuple[int, dict[str, torch.Tensor]] | None:
         """A base of iteration `at_least` or newer that the swarm's records vouch for (state_check), asked
-        again within state_download_timeout while one is vouched for: a donor may serve a base newer than
-        the records this peer has seen yet. None at once when no record vouches for one."""
+        again within state_download_timeout: a donor may serve a base newer than the records this peer
+        has seen yet. The members of a group republish their records one poll apart, so a base with
+        no vouching record yet is waited for one re-publication period (progress_ttl / 3) at most."""
         swarm = self.config.swarm
         check = StateCheck(self.config.iterations, at_least, trusted=lambda: trusted_bodies(self.tracker.snapshot().records))
-        deadline = time.monotonic() + swarm.state_download_timeout
-        while check.worth_asking() and time.monotonic() < deadline:
-            self.tracker.update(phase=Phase.DOWNLOADING)
-            downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
-            if downloaded is not None:
-                return downloaded
+        started = time.monotonic()
+        deadline = started + swarm.state_download_timeout
+        while time.monotonic() < deadline:
+            if check.worth_asking():
+                self.tracker.update(phase=Phase.DOWNLOADING)
+                downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
+                if downloaded is not None:
+                    return downloaded
+            elif time.monotonic() - started > swarm.progress_ttl / 3:
+                return None
             self.tracker.wait_for_update(swarm.poll_interval)
         return None
 

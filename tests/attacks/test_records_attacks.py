@@ -67,9 +67,10 @@ def processes(tmp_path):
 @pytest.mark.timeout(420)
 def test_a_rogues_records_and_states_do_not_take_over_the_swarm(processes, tmp_path, tiny_model_dir):
     recipes = toy_recipes(tmp_path, 3)
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], iterations=ITERATIONS, swarm=SWARM)
+    fields = {"iterations": ITERATIONS, "keep_checkpoints": None}  # every checkpoint: the joiner's is compared at the end
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], swarm=SWARM, **fields)
     pinned = RunState(load_run_config(config), tmp_path / "theta0").base_hash
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], iterations=ITERATIONS, swarm={**SWARM, "theta0_hash": pinned})
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], swarm={**SWARM, "theta0_hash": pinned}, **fields)
     maddr = processes.bootstrap(config)
 
     ready = tmp_path / "rogue-ready.txt"
