@@ -26,6 +26,11 @@ from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, stragglers, swarm_is_ahead
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
+
+
+def swarm_is_said_ahead(at_least: int, records) -> bool:
+    """Whether any record (vouched for or not) holds a base of iteration `at_least` or newer."""
+    return any(r.iteration >= at_least for r in records)
 from p2pcold.utils import state_dict_hash
 
 
@@ -61,8 +66,9 @@ class DecentralizedPeer(SwarmPeer):
     def _download_trusted(self, at_least: int) -> tuple[int, dict[str, torch.Tensor]] | None:
         """A base of iteration `at_least` or newer that the swarm's records vouch for (state_check), asked
         again within state_download_timeout: a donor may serve a base newer than the records this peer
-        has seen yet. The members of a group republish their records one poll apart, so a base with
-        no vouching record yet is waited for one re-publication period (progress_ttl / 3) at most."""
+        has seen yet. The members of a group republish their records one poll apart: while a record
+        says that a newer base exists but none vouches for it yet, this waits one re-publication period
+        (progress_ttl / 3) at most."""
         swarm = self.config.swarm
         check = StateCheck(self.config.iterations, at_least, trusted=lambda: trusted_bodies(self.tracker.snapshot().records))
         started = time.monotonic()
@@ -73,7 +79,7 @@ class DecentralizedPeer(SwarmPeer):
                 downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
                 if downloaded is not None:
                     return downloaded
-            elif time.monotonic() - started > swarm.progress_ttl / 3:
+            elif time.monotonic() - started > swarm.progress_ttl / 3 or not swarm_is_said_ahead(at_least, self.tracker.snapshot().records):
                 return None
             self.tracker.wait_for_update(swarm.poll_interval)
         return None
