@@ -24,13 +24,8 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, stragglers, swarm_is_ahead
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, peers_behind, stragglers, swarm_is_ahead
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
-
-
-def swarm_is_said_ahead(at_least: int, records) -> bool:
-    """Whether any record (vouched for or not) holds a base of iteration `at_least` or newer."""
-    return any(r.iteration >= at_least for r in records)
 from p2pcold.utils import state_dict_hash
 
 
@@ -79,7 +74,7 @@ class DecentralizedPeer(SwarmPeer):
                 downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
                 if downloaded is not None:
                     return downloaded
-            elif time.monotonic() - started > swarm.progress_ttl / 3 or not swarm_is_said_ahead(at_least, self.tracker.snapshot().records):
+            elif time.monotonic() - started > swarm.progress_ttl / 3 or not a_record_holds(at_least, self.tracker.snapshot().records):
                 return None
             self.tracker.wait_for_update(swarm.poll_interval)
         return None

@@ -73,6 +73,12 @@ def swarm_is_ahead(iteration: int, peers: Iterable[PeerProgress]) -> bool:
     return vouched_iteration(peers) > iteration
 
 
+def a_record_holds(at_least: int, peers: Iterable[PeerProgress]) -> bool:
+    """Whether any record, vouched for or not, holds a base of iteration `at_least` or newer (worth
+    waiting a moment for the records that would vouch for it)."""
+    return any(p.iteration >= at_least for p in peers)
+
+
 def pending_peers(iteration: int, peers: Iterable[PeerProgress], last_group: Iterable[str]) -> tuple[str, ...]:
     """Datasets to wait for at boundary `iteration`: live peers at it still on their way, and members of
     this peer's last group (peer ids) whose records still show an earlier iteration (a fast finetune
