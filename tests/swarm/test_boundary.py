@@ -11,6 +11,7 @@ from p2pcold.swarm.boundary import (
     Solo,
     Train,
     Wait,
+    a_record_holds,
     decide,
     decide_start,
     duplicate_dataset_peers,
@@ -111,6 +112,11 @@ def test_a_straggler_is_waited_for_again_once_it_reaches_a_boundary():
     assert missed == {"id-ghost"}
     assert stragglers(missed, (), swarm) == {"id-ghost"}  # still finetuning: still not waited for
     assert stragglers(missed, (), [peer("ghost", 3, "averaging")]) == frozenset()  # it got there: forgiven
+
+
+def test_a_record_ahead_is_worth_a_moment_only_when_it_exists():
+    assert a_record_holds(3, [peer("rogue", 8, "finetuning", body="1")])  # not vouched for, but worth a look
+    assert not a_record_holds(3, [peer("b", 2, "averaging")])  # a fresh swarm: start at once
 
 
 def test_a_dead_peer_is_simply_absent_and_a_restarted_peer_counts_once():
