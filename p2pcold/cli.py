@@ -201,13 +201,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
 
-    from p2pcold.swarm import start_dht, stop_dht, visible_maddrs
+    from p2pcold.swarm import run_record_validators, start_dht, stop_dht, visible_maddrs
     from p2pcold.swarm.auth import load_secret
     from p2pcold.swarm.reachability import serve_dial_back
 
     secret = load_secret(args.secret_file)
     raise_on_sigterm()
-    dht = start_dht(config.swarm, args.initial_peers, secret=secret)
+    dht = start_dht(config.swarm, args.initial_peers, secret=secret, record_validators=run_record_validators(config.run_id, config.iterations))
     repository = None
     try:
         serve_dial_back(dht, config.swarm)
@@ -243,12 +243,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise P2PColdError(f"status: --interval {args.interval}: must be greater than 0")
 
-    from p2pcold.swarm import read_progress, start_dht, stop_dht
+    from p2pcold.swarm import read_progress, run_record_validators, start_dht, stop_dht
     from p2pcold.swarm.auth import load_secret
 
-    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=load_secret(args.secret_file))
+    validators = run_record_validators(config.run_id, config.iterations)
+    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=load_secret(args.secret_file), record_validators=validators)
     try:
-        records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+        records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
         if args.json:
             print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
             return 0
@@ -261,7 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + status_table(config.run_id, records, time.time()), flush=True)
             time.sleep(args.interval)
             try:
-                records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout)
+                records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
             except P2PColdError as e:
                 log.warning("status not refreshed, showing the last one: %s", e)
     finally:

@@ -477,6 +477,10 @@ class SwarmConfig(_Section):
     # libp2p relays on. `public` / `client` skip the check. A swarm on 127.0.0.1 is always public.
     reachability: Literal["auto", "public", "client"] = "auto"
     relay: bool = True  # a publicly reachable node relays for members behind NAT (libp2p circuit relay v2)
+    # sha256 of θ0 (utils.state_dict_hash; `p2pcold: error: ... pin θ0 ...` prints it) that this run must
+    # start from. Pinned, the run config is the authority on the run's identity: an identity record in
+    # the DHT that differs from it (a forged one included) is ignored instead of refusing this peer.
+    theta0_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     # --- averaging
     # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression) or `8bit`

@@ -51,7 +51,7 @@ class Repository:
             log.info("Repository resumed at iteration %d", self.iteration)
         theta0 = self.state.theta0
         join_run(self.dht, config.run_id, RunIdentity.for_body(config.run_id, config.model, theta0, run_contract(config)), self.swarm)
-        self.tracker = SwarmTracker(self.dht, config.run_id, self.swarm)
+        self.tracker = SwarmTracker(self.dht, config.run_id, self.swarm, iterations=config.iterations)
         self.averager = BodyAverager(
             self.dht, config.run_id, theta0, self.swarm, reference=theta0, secret=self.secret, aggregation=config.aggregation
         )

@@ -202,10 +202,12 @@ class Simulation:
     def _start_monitor(self) -> None:
         """The run's monitor, in this process, on this process's one client DHT node."""
         from p2pcold.monitor import Monitor
-        from p2pcold.swarm import start_dht
+        from p2pcold.swarm import run_record_validators, start_dht
         from p2pcold.swarm.auth import load_secret
 
-        self.dht = start_dht(self.config.swarm, [self.maddr], client_mode=True, secret=load_secret(environ=self.secret_env))
+        config = self.config
+        validators = run_record_validators(config.run_id, config.iterations)
+        self.dht = start_dht(config.swarm, [self.maddr], client_mode=True, secret=load_secret(environ=self.secret_env), record_validators=validators)
         options = self.monitor_options
         if options.log_dir:
             options = dataclasses.replace(options, log_dir=str(Path(options.log_dir) / "monitor"))

@@ -21,7 +21,7 @@ from p2pcold.publish import model_card, push_to_hub
 from p2pcold.results import read_results
 from p2pcold.run_folder import check_output_dir
 from p2pcold.scalars import ScalarLog
-from p2pcold.swarm import SwarmTracker, start_dht, stop_dht
+from p2pcold.swarm import SwarmTracker, run_record_validators, start_dht, stop_dht
 from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("monitor")
@@ -67,7 +67,7 @@ class Monitor:
         self.server = MonitorServer(self.options.host, self.options.port, self._view)  # a taken port fails before the swarm is joined
         if self._owns_dht:
             self.dht = self._start_dht()
-        self.tracker = SwarmTracker(self.dht, self.config.run_id, self.config.swarm)  # publishes nothing: not a peer
+        self.tracker = SwarmTracker(self.dht, self.config.run_id, self.config.swarm, iterations=self.config.iterations)  # publishes nothing: not a peer
         if self.options.evaluate:
             self._setup_evaluation()
         self._workers = [threading.Thread(target=self._results_loop, name="p2pcold-monitor-results", daemon=True)]
@@ -79,7 +79,8 @@ class Monitor:
 
     def _start_dht(self):
         """The one place the monitor joins the swarm."""
-        return start_dht(self.config.swarm, self.initial_peers, client_mode=True, secret=self.secret)
+        validators = run_record_validators(self.config.run_id, self.config.iterations)
+        return start_dht(self.config.swarm, self.initial_peers, client_mode=True, secret=self.secret, record_validators=validators)
 
     def _setup_evaluation(self) -> None:
         import torch

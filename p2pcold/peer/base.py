@@ -26,7 +26,8 @@ from p2pcold.swarm import (
 from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import duplicate_dataset_peers
 from p2pcold.swarm.reachability import Mode, join_swarm
-from p2pcold.utils import P2PColdError, get_logger
+from p2pcold.swarm.validation import run_record_validators
+from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 log = get_logger("peer")
 
@@ -78,19 +79,24 @@ class SwarmPeer:
         self.contributor.head_state = self.state.heads.get(self.name)
 
         swarm = config.swarm
-        self.dht, self.mode = join_swarm(swarm, self.initial_peers, secret=self.secret)
+        validators = run_record_validators(config.run_id, config.iterations)
+        self.dht, self.mode = join_swarm(swarm, self.initial_peers, secret=self.secret, record_validators=validators)
         self.peer_id = peer_id(self.dht)
         identity = RunIdentity.for_body(config.run_id, config.model, self.state.theta0, run_contract(config))
         join_run(self.dht, config.run_id, identity, swarm)
-        self.tracker = SwarmTracker(self.dht, config.run_id, swarm)
+        self.tracker = SwarmTracker(self.dht, config.run_id, swarm, iterations=config.iterations, assignment_writers=self._assignment_writers())
         self._refuse_a_second_peer_on_this_dataset()
         # only a peer that was let in is listed in the run's progress (and waited for at boundaries)
-        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING, mode=self.mode))
+        self.tracker.start_publishing(PeerProgress(self.peer_id, self.name, self.iteration, Phase.JOINING, mode=self.mode, body_hash=state_dict_hash(self.state.base)))
         self.averager = BodyAverager(
             self.dht, config.run_id, self.state.theta0, swarm, reference=self.state.theta0, secret=self.secret, aggregation=config.aggregation
         )
         self._load_start_state()
         log.info("peer %s (%s) starts at iteration %d", self.peer_id, self.name, self.iteration)
+
+    def _assignment_writers(self) -> list[str] | None:
+        """Whose assignments count (None: nobody writes any in this protocol)."""
+        return None
 
     def _refuse_a_second_peer_on_this_dataset(self) -> None:
         """Two live peers on one dataset would fuse it twice. A record of this dataset left by a peer

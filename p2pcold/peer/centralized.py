@@ -17,12 +17,18 @@ from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import repository_word
+from p2pcold.swarm.records import maddr_peer_ids
+from p2pcold.swarm.state_check import StateCheck
 from p2pcold.utils import P2PColdError
 
 
 class CentralizedPeer(SwarmPeer):
     def _load_start_state(self) -> None:
         """θ_i comes from the Repository each iteration; only the Repository serves it."""
+
+    def _assignment_writers(self) -> list[str]:
+        """The Repository is the node this peer was pointed at: only its (signed) assignments count."""
+        return maddr_peer_ids(self.initial_peers)
 
     def train(self) -> dict[str, torch.Tensor]:
         while self.iteration < self.config.iterations:
@@ -53,7 +59,9 @@ class CentralizedPeer(SwarmPeer):
         swarm = self.config.swarm
         deadline = time.monotonic() + swarm.state_download_timeout
         while True:
-            downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0))
+            # bounded and finite, and from the Repository only (whose word is signed); no other donor counts
+            check = StateCheck(iterations=self.config.iterations, at_least=iteration, only_from=frozenset(self._assignment_writers()))
+            downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
             if downloaded is not None and downloaded[0] >= iteration:
                 return downloaded
             if time.monotonic() >= deadline:

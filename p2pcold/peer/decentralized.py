@@ -24,13 +24,16 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, decide, decide_start, peers_behind, swarm_is_ahead, watchers_behind
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, peers_behind, stragglers, swarm_is_ahead, watchers_behind
+from p2pcold.swarm.state_check import StateCheck, trusted_bodies
+from p2pcold.utils import state_dict_hash
 
 
 class DecentralizedPeer(SwarmPeer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_group: set[str] = set()  # peer ids of the others in the last group this peer fused with
+        self.stragglers: frozenset[str] = frozenset()  # peer ids waited for in vain (boundary.stragglers)
 
     def _load_start_state(self) -> None:
         if self.initial_peers:
@@ -40,18 +43,41 @@ class DecentralizedPeer(SwarmPeer):
     def _adopt(self, at_least: int, attempts: int = 0, failure: str | None = None) -> bool:
         """Download the swarm's newest base; adopt it when its iteration is `at_least` or more. `attempts`
         and `failure`: this boundary's own fusion attempts before it, kept in the record."""
-        self.tracker.update(phase=Phase.DOWNLOADING)
-        downloaded = self.averager.download_state()
-        if downloaded is None or downloaded[0] < at_least:
+        downloaded = self._download_trusted(at_least)
+        if downloaded is None:
             return False
         log.info("downloaded the swarm's base of iteration %d (we were at %d)", downloaded[0], self.iteration)
         self.state.iteration, self.state.base = downloaded
         self.last_group = set()
         record = fusion_record(FusionOutcome.ADOPTED.value, [], attempts, failure)
-        self.tracker.update(iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure)
+        self.tracker.update(
+            iteration=self.iteration, last_fusion=FusionOutcome.ADOPTED, last_group=[], fusion_attempts=attempts, fusion_error=failure,
+            body_hash=state_dict_hash(self.state.base), last_group_peers=[],
+        )  # fmt: skip
         self.averager.set_shared_state(self.iteration, self.state.base)
         self.save_checkpoint(record)
         return True
+
+    def _download_trusted(self, at_least: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """A base of iteration `at_least` or newer that the swarm's records vouch for (state_check), asked
+        again within state_download_timeout: a donor may serve a base newer than the records this peer
+        has seen yet. The members of a group republish their records one poll apart: while a record
+        says that a newer base exists but none vouches for it yet, this waits one re-publication period
+        (progress_ttl / 3) at most."""
+        swarm = self.config.swarm
+        check = StateCheck(self.config.iterations, at_least, trusted=lambda: trusted_bodies(self.tracker.snapshot().records))
+        started = time.monotonic()
+        deadline = started + swarm.state_download_timeout
+        while time.monotonic() < deadline:
+            if check.worth_asking():
+                self.tracker.update(phase=Phase.DOWNLOADING)
+                downloaded = self.averager.download_state(max(deadline - time.monotonic(), 1.0), check)
+                if downloaded is not None:
+                    return downloaded
+            elif time.monotonic() - started > swarm.progress_ttl / 3 or not a_record_holds(at_least, self.tracker.snapshot().records):
+                return None
+            self.tracker.wait_for_update(swarm.poll_interval)
+        return None
 
     # ------------------------------------------------------------------ train
 
@@ -109,8 +135,10 @@ class DecentralizedPeer(SwarmPeer):
         def abort() -> bool:  # stop looking for a group once the swarm has left this boundary
             return swarm_is_ahead(i, self.tracker.snapshot().peers)
 
+        self.stragglers = stragglers(self.stragglers, (), self.tracker.snapshot().peers)  # forgive those who arrived since
         while True:
-            decision = decide(i, self.tracker.snapshot().peers, self.last_group, time.monotonic(), wait_until, last_start)
+            peers = self.tracker.snapshot().peers
+            decision = decide(i, peers, self.last_group, time.monotonic(), wait_until, last_start, self.stragglers)
             if isinstance(decision, Wait):
                 self.tracker.wait_for_update(swarm.poll_interval)
                 continue
@@ -123,13 +151,14 @@ class DecentralizedPeer(SwarmPeer):
                 if decision.not_waited_for and not warned:
                     log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
                     warned = True
+                    self.stragglers = stragglers(self.stragglers, decision.not_waited_for, peers)
                 fused = self._fuse(contribution, end - time.monotonic(), abort=abort)
                 attempts += fused.attempts
                 if fused.ok:
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
                     log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
                     self.last_group = set(fused.members) - {self.peer_id}
-                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started)
+                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started, sorted(fused.members))
                     return
                 if fused.status is not FusionStatus.ABORTED:  # stopping the search is not a failure
                     failure = fused.reason
@@ -144,12 +173,14 @@ class DecentralizedPeer(SwarmPeer):
             self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
             return
 
-    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, started: float) -> None:
+    def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, started: float, group_peers: list[str] = ()) -> None:
         """θ_{i+1} = `base`: published with what the boundary produced, checkpointed, and served when fused
         (an unfused base is served only once `_converge` found no fused one to adopt)."""
         self.state.iteration, self.state.base = self.iteration + 1, base
         self.tracker.update(
             iteration=self.iteration,
+            body_hash=state_dict_hash(base),
+            last_group_peers=list(group_peers),
             last_fusion=record["status"],
             last_group=record["members"],
             last_group_size=group_size,
@@ -162,15 +193,16 @@ class DecentralizedPeer(SwarmPeer):
         self.save_checkpoint(record)
 
     def _serve_final_state(self) -> None:
-        """Keep serving θ_N while another live peer may still need it: a straggler, or one whose last
-        boundary did not fuse (it adopts the final base instead of ending the run with its own); and while
-        a monitor that evaluates the fused bases has not downloaded it (only a fused θ_N is served)."""
+        """Keep serving θ_N while another live peer may still need it: a slow peer, or one whose last
+        boundary did not fuse (it adopts the final base instead of ending the run with its own), but not a
+        straggler that boundaries stopped waiting for (a ghost, a rogue's record); and while a monitor that
+        evaluates the fused bases has not downloaded it (only a fused θ_N is served)."""
         swarm = self.config.swarm
         started = time.monotonic()
         behind: tuple[str, ...] = ()
         while time.monotonic() < started + swarm.boundary_deadline:
             snapshot = self.tracker.snapshot()
-            behind = peers_behind(self.iteration, snapshot.peers)
+            behind = peers_behind(self.iteration, [p for p in snapshot.peers if p.peer_id not in self.stragglers])
             if self.averager.shared_iteration == self.iteration:
                 behind += watchers_behind(self.iteration, snapshot.watchers)
             if not behind:

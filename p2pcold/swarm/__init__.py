@@ -8,6 +8,8 @@ Primitives (no model code; bodies are plain `dict[str, Tensor]`):
 - `SwarmTracker`: the one owner of a process's view of the swarm, one thread reading the DHT (tracker.py)
 - `boundary`: the pure decision at an iteration boundary, from a snapshot of that view (boundary.py)
 - `auth`: private swarms: the run secret (`load_secret`), the DHT authorizer, member tags (auth.py)
+- `run_record_validators`: what every node of a run checks in the DHT: owned, signed, bounded records
+  (validation.py, records.py); `state_check`: which downloaded state a peer may adopt
 
 Every network wait is bounded by a named `SwarmConfig` timeout; see docs/protocol-primitives.md.
 Importing this package changes nothing in hivemind: `start_dht` applies p2pcold's fixes (`_compat.apply`).
@@ -26,6 +28,7 @@ from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visi
 from p2pcold.swarm.identity import RunIdentity, body_schema_hash, join_run
 from p2pcold.swarm.progress import FusionOutcome, PeerProgress, Phase, publish_progress, read_progress
 from p2pcold.swarm.tracker import SwarmSnapshot, SwarmTracker
+from p2pcold.swarm.validation import run_record_validators
 
 __all__ = [
     "BodyAverager",
@@ -47,6 +50,7 @@ __all__ = [
     "peer_id",
     "publish_progress",
     "read_progress",
+    "run_record_validators",
     "start_dht",
     "stop_dht",
     "visible_maddrs",

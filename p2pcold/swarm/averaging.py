@@ -37,6 +37,7 @@ import enum
 import hashlib
 import math
 import os
+import random
 import re
 import signal
 import threading
@@ -48,9 +49,14 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.p2p import P2PContext
-from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
@@ -61,11 +67,14 @@ from p2pcold.swarm import dht as swarm_dht
 from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
 from p2pcold.swarm.identity import body_schema_hash
 from p2pcold.swarm.robust_reduce import RobustAllReduceRunner, part_size_bytes
+from p2pcold.swarm.records import owner_peer_id, record_owner
+from p2pcold.swarm.state_check import StateCheck
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
 
 ITERATION_BITS = 32  # group bits per key: iterations 0 .. 2**32-1
+MAX_DONORS_ASKED = 8  # a state download asks at most this many donors in turn
 _ABORTED = "stopped looking for a group: the caller's abort check fired"
 _GATHER_VERSION = 1
 
@@ -217,6 +226,34 @@ class _SwarmAverager(DecentralizedAverager):
     async def _read_member_tags(self) -> None:
         if self._member_gate is not None:
             await self._member_gate.read_tags(self.dht)
+    def download_state_from(self, donor: str, chunk_timeout: float, max_bytes: int) -> MPFuture:
+        """(metadata, tensors) served by `donor`, or why not (a str); in the averager process."""
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state_from", [], dict(donor=donor, chunk_timeout=chunk_timeout, max_bytes=max_bytes, future=future)))
+        return future
+
+    async def _download_state_from(self, donor: str, chunk_timeout: float, max_bytes: int, future: MPFuture) -> None:
+        """hivemind's load_state_from_peers for one donor chosen by the caller, which checks what arrives
+        before it adopts it; a donor that streams more than `max_bytes` (more than the body) is cut off."""
+        try:
+            stub = self.get_stub(self._p2p, PeerID.from_base58(donor), namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, parts, tensors, received = None, [], [], 0
+            async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+                received += len(message.tensor_part.buffer) + len(message.metadata)
+                if received > max_bytes:
+                    raise ValueError(f"the donor sent more than the body's {max_bytes} bytes")
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # the first part of the next tensor
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            future.set_result("it sent no state" if metadata is None else (metadata, tensors))
+        except Exception as e:  # a donor that left, a broken stream, a malformed message: the caller logs it
+            future.set_result(f"{type(e).__name__}: {e}"[:300])
 
     def get_current_state(self):  # runs in the host process, in hivemind's background thread
         metadata, tensors = self._state_provider()
@@ -288,7 +325,7 @@ class _SwarmAverager(DecentralizedAverager):
                     key,
                     verdict,
                     expiration_time=get_dht_time() + verdict_wait_s(self._swarm_config) + timeout,
-                    subkey=str(self.peer_id),
+                    subkey=record_owner(self.dht),  # owned: no other member can write this member's verdict
                     return_future=True,
                 ),
                 timeout,
@@ -325,7 +362,10 @@ class _SwarmAverager(DecentralizedAverager):
             return {}
         if found is None or not isinstance(found.value, dict):
             return {}
-        return {str(peer): item.value for peer, item in found.value.items()}
+        # by the peer id of each verdict's owner; an unowned verdict is nobody's
+        verdicts = {owner_peer_id(subkey): item.value for subkey, item in found.value.items()}
+        verdicts.pop(None, None)
+        return verdicts
 
 
 def verdict_failed(verdict: Any) -> bool:
@@ -388,6 +428,8 @@ class BodyAverager:
         self.prefix = averaging_prefix(run_id)
         self._tensors = [torch.zeros(self._shapes[name], dtype=torch.float32) for name in self._names]
 
+        # what an honest donor streams for this body (float32, uncompressed), with room for the framing
+        self._state_bytes = 2 * sum(4 * math.prod(shape) for shape in self._shapes.values()) + 2**20
         self._state_lock = threading.Lock()
         self._shared: tuple[int, tuple[torch.Tensor, ...]] | None = None
         if client_mode is None:
@@ -665,41 +707,80 @@ class BodyAverager:
             iteration, tensors = self._shared
         return {"v": _GATHER_VERSION, "iteration": iteration, "schema": self.schema_hash}, tensors
 
-    def download_state(self, timeout: float | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """Download the newest fused body any donor serves: (iteration, body) or None.
+    def download_state(self, timeout: float | None = None, check: StateCheck | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Download a fused body from a donor: (iteration, body), or None.
 
-        Donors are tried in order of the iteration they announce (highest first). Returns None when no
-        donor is known, none answered, or nothing arrived within `timeout` (default
-        `config.state_download_timeout`); each chunk must arrive within `config.next_chunk_timeout`.
+        Donors are asked one at a time in order of the iteration they announce (highest first), at most
+        MAX_DONORS_ASKED of them, until one serves a state that matches this run's schema and passes
+        `check` (state_check.StateCheck: iteration bounds, finite values, a trusted hash); each refused
+        donor is one warning line naming it. Returns None when no donor is known, none served an
+        acceptable state, or `timeout` (default `config.state_download_timeout`) passed; each chunk
+        must arrive within `config.next_chunk_timeout`.
         """
         timeout = self.config.state_download_timeout if timeout is None else float(timeout)
         if not self._averager.is_alive():
             raise P2PColdError("swarm: the averager process is not running (shut down or crashed)")
-        # note: hivemind uses next_chunk_timeout as the per-chunk bound only when a timeout is passed
-        future = self._averager.load_state_from_peers(wait=False, timeout=timeout)
+        if check is not None and not check.worth_asking():
+            return None
+        end = time.monotonic() + timeout
+        donors = [d for d in self._donors(min(timeout, self.config.dht_request_timeout)) if check is None or check.may_ask(d)]
+        for donor in donors[:MAX_DONORS_ASKED]:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                logger.warning("no acceptable state downloaded within %.0f s", timeout)
+                return None
+            future = self._averager.download_state_from(donor, self.config.next_chunk_timeout, self._state_bytes)
+            try:
+                loaded = future.result(timeout=remaining + self.config.local_rpc_timeout)
+            except TimeoutError:
+                future.cancel()
+                logger.warning("state download from %s did not finish within %.0f s", donor, remaining)
+                continue
+            if isinstance(loaded, str):
+                logger.warning("state download from %s failed: %s", donor, loaded)
+                continue
+            state, problem = self._parse_state(*loaded)
+            if state is not None and check is not None:
+                problem = check.problem(*state)
+            if problem:
+                logger.warning("refusing the state served by %s: %s", donor, problem)
+                continue
+            return state
+        return None
+
+    def _donors(self, timeout: float) -> list[str]:
+        """Peer ids of the state donors announced in the DHT, newest announced iteration first (self excluded)."""
+        future = self._dht.get(f"{self.prefix}.all_averagers", latest=True, return_future=True)
         try:
-            loaded = future.result(timeout=timeout + self.config.local_rpc_timeout)
+            found = future.result(timeout=timeout)
         except TimeoutError:
-            logger.warning("no state download finished within %.0f s", timeout)
-            return None
-        except Exception as e:
-            logger.warning("state download failed: %s", e)
-            return None
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
+            future.cancel()
+            return []
+        if found is None or not isinstance(found.value, dict):
+            return []
+        priority = {}
+        for subkey, item in found.value.items():
+            try:
+                peer = str(PeerID(subkey)) if isinstance(subkey, bytes) else None
+            except Exception:  # not a peer id (a record someone made up)
+                peer = None
+            if peer is not None and peer != self.peer_id and isinstance(item.value, (int, float)) and math.isfinite(item.value):
+                priority[peer] = float(item.value)
+        return sorted(priority, key=lambda peer: (-priority[peer], random.random()))
+
+    def _parse_state(self, metadata, tensors) -> tuple[tuple[int, dict[str, torch.Tensor]] | None, str]:
+        """(iteration, body) from what a donor served, or (None, why not)."""
         if not (
             isinstance(metadata, dict)
             and isinstance(metadata.get("iteration"), int)
-            and metadata["iteration"] >= 0
+            and 0 <= metadata["iteration"] < 2**ITERATION_BITS
             and metadata.get("schema") == self.schema_hash
             and len(tensors) == len(self._names)
             and all(tuple(t.shape) == self._shapes[n] for n, t in zip(self._names, tensors))
         ):
-            logger.warning("ignoring a downloaded state that does not match this run's schema: %r", metadata)
-            return None
+            return None, f"it does not match this run's schema (metadata {str(metadata)[:200]})"
         by_name = dict(zip(self._names, tensors))
-        return metadata["iteration"], {name: by_name[name].to(self._dtypes[name]) for name in self._order}
+        return (metadata["iteration"], {name: by_name[name].to(self._dtypes[name]) for name in self._order}), ""
 
     # ------------------------------------------------------------------ lifecycle
 

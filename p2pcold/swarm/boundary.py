@@ -5,7 +5,8 @@ No I/O and no clock of its own: every function takes the other peers' progress r
 are tested with tables of records (tests/swarm/test_boundary.py). docs/protocol.md has the table.
 
 At the boundary of iteration i (this peer has finetuned θ_i), `decide` returns
-    Adopt  the swarm is past i: download its newer base instead of pushing a stale update
+    Adopt  the swarm is past i (two peers' records vouch for a newer base): download it instead of
+           pushing a stale update
     Solo   the deadline passed, or nobody else is at i: keep this peer's own update
     Wait   peers at i are still joining / downloading / finetuning, or members of the last group have
            not republished yet: wait for them (until `wait_until`), so the group forms with everyone
@@ -17,9 +18,10 @@ boundary failed and another peer of iteration i fused), Wait (that may still hap
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 from p2pcold.swarm.progress import FusionOutcome, PeerProgress, Phase
+from p2pcold.swarm.state_check import trusted_bodies
 
 STILL_COMING = (Phase.JOINING, Phase.DOWNLOADING, Phase.FINETUNING)  # on their way to the boundary
 KEPT_OWN_UPDATE = (FusionOutcome.FAILED, FusionOutcome.SOLO)  # outcomes that leave a second body alive
@@ -59,12 +61,22 @@ Decision = Wait | Fuse | Adopt | Solo | Train
 # --------------------------------------------------------------------------- predicates
 
 
+def vouched_iteration(peers: Iterable[PeerProgress]) -> int:
+    """The newest iteration of a base that another peer's record vouches for (state_check.trusted_bodies:
+    the same hash, or the same fused group); -1 when none. One record alone (a rogue's, a ghost's), or
+    records that disagree, never move a peer on, and a base this says exists is one that state_check
+    lets it adopt."""
+    return max(trusted_bodies(peers), default=-1)
+
+
 def swarm_is_ahead(iteration: int, peers: Iterable[PeerProgress]) -> bool:
-    return any(p.iteration > iteration for p in peers)
+    return vouched_iteration(peers) > iteration
 
 
-def newest_iteration(peers: Iterable[PeerProgress]) -> int:
-    return max((p.iteration for p in peers), default=-1)
+def a_record_holds(at_least: int, peers: Iterable[PeerProgress]) -> bool:
+    """Whether any record, vouched for or not, holds a base of iteration `at_least` or newer (worth
+    waiting a moment for the records that would vouch for it)."""
+    return any(p.iteration >= at_least for p in peers)
 
 
 def pending_peers(iteration: int, peers: Iterable[PeerProgress], last_group: Iterable[str]) -> tuple[str, ...]:
@@ -117,6 +129,16 @@ def watchers_behind(iteration: int, watchers: Mapping[str, int] | None) -> tuple
     return tuple(sorted(f"monitor {peer[-8:]}" for peer, held in watchers.items() if held < iteration))
 
 
+def stragglers(known: Collection[str], missed: Iterable[str], peers: Iterable[PeerProgress]) -> frozenset[str]:
+    """Peer ids not to wait for at the next boundaries: `known` ones and the datasets a wait just missed
+    (`missed`, as in Fuse.not_waited_for), minus those whose record now shows them at a boundary
+    (averaging): a slow peer is waited for again once it proves that it gets there."""
+    missed = set(missed)
+    peers = list(peers)
+    arrived = {p.peer_id for p in peers if p.phase == Phase.AVERAGING}
+    return frozenset((set(known) | {p.peer_id for p in peers if p.dataset in missed}) - arrived)
+
+
 def duplicate_dataset_peers(records: Iterable[PeerProgress], dataset: str, first_seen: Mapping[str, float]) -> tuple[str, ...]:
     """Peer ids of the other live peers on `dataset`: their record was published again since this peer
     first saw it (`first_seen`: peer id -> last_seen then), or appeared only later. The record a
@@ -134,16 +156,19 @@ def decide(
     now: float,
     wait_until: float,
     deadline: float,
+    not_waiting_for: Collection[str] = (),
 ) -> Decision:
     """What to do at boundary `iteration` at time `now` (the caller's clock; `wait_until` <= `deadline`).
 
-    `last_group`: peer ids of the others in this peer's last group."""
+    `last_group`: peer ids of the others in this peer's last group. `not_waiting_for`: peer ids this
+    peer waited for in vain at an earlier boundary (`stragglers`): a record that says "finetuning"
+    forever (a ghost) costs one bounded wait, not one per boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = newest_iteration(peers)
+        newest = vouched_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if now >= deadline:
         return Solo("the boundary deadline passed")
-    pending = pending_peers(iteration, peers, last_group)
+    pending = pending_peers(iteration, [p for p in peers if p.peer_id not in not_waiting_for], last_group)
     waiting = now < wait_until
     if pending and waiting:
         return Wait("peers still on their way", pending)
@@ -168,7 +193,7 @@ def decide_start(
     same iteration when another peer reports one, so that the swarm does not keep two bodies alive; it
     waits for that (until `wait_until`) while peers are still at the previous boundary."""
     if swarm_is_ahead(iteration, peers):
-        newest = newest_iteration(peers)
+        newest = vouched_iteration(peers)
         return Adopt(newest, f"the swarm is at iteration {newest}")
     if last_fusion not in KEPT_OWN_UPDATE:
         return Train()

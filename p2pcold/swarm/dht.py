@@ -11,19 +11,24 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Sequence
 
 import hivemind
-from hivemind.p2p import PeerID
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _compat, _procs
 from p2pcold.swarm.auth import RunSecret, SecretAuthorizer, open_swarm_notice
+from p2pcold.swarm.records import load_signing_key, owner_subkey
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -155,8 +160,31 @@ def relay_options(config: SwarmConfig, client_mode: bool) -> dict:
     return {"use_relay": False, "use_auto_relay": False}
 
 
+class SigningIdentity:
+    """The RSA key a node signs its records with, which is also its p2pd identity (so a record's owner
+    mark names its writer's peer id). Without `identity_path`, a fresh key in a private temporary
+    folder, deleted once p2pd has read it."""
+
+    def __init__(self, identity_path: str | None):
+        self.is_user_file = identity_path is not None
+        self._folder = None if self.is_user_file else tempfile.mkdtemp(prefix="p2pcold-key-")
+        self.path = identity_path if self.is_user_file else os.path.join(self._folder, "identity.key")
+        if not os.path.exists(self.path):
+            P2P.generate_identity(self.path)
+        self.key = load_signing_key(self.path)
+
+    def forget_fresh_key(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
 def start_dht(
-    config: SwarmConfig, initial_peers: Sequence[str], client_mode: bool = False, *, secret: RunSecret | None = None
+    config: SwarmConfig,
+    initial_peers: Sequence[str],
+    client_mode: bool = False,
+    *,
+    secret: RunSecret | None = None,
+    record_validators: Sequence[RecordValidatorBase] = (),
 ) -> hivemind.DHT:
     """Start this peer's DHT node and p2pd daemon, joined to `initial_peers` (empty: a new swarm).
 
@@ -165,6 +193,10 @@ def start_dht(
     peers answers within that bound; nothing is left running in that case. `client_mode`: the peer only
     dials out (behind NAT); it can average but cannot lead groups or serve its state. Relays: `relay_options`. `secret`: the run secret of a private swarm (None: an open
     swarm, which anyone can join); only nodes holding the same secret can talk to this one.
+
+    The node signs the records it owns with its p2pd identity key (an RSA key: `identity_path`, or a
+    fresh one), and refuses stores of owned records that their owner did not sign; `record_validators`
+    (e.g. `validation.run_record_validators`) check the run's records on top of that.
     """
     validate_swarm_config(config)
     _compat.apply()
@@ -178,13 +210,16 @@ def start_dht(
         open_swarm_notice()
     bound = config.dht_startup_timeout + config.bootstrap_timeout
     started = time.monotonic()
+    identity = SigningIdentity(config.identity_path)
     dht = _SwarmDHT(
         initial_peers=initial or None,
         start=True,
         await_ready=False,  # hivemind would wait without a bound
         host_maddrs=[listen],
         announce_maddrs=announce or None,
-        identity_path=config.identity_path,
+        identity_path=identity.path,
+        check_if_identity_free=identity.is_user_file,  # a fresh random key is never taken
+        record_validators=[RSASignatureValidator(identity.key), *record_validators],
         startup_timeout=config.dht_startup_timeout,
         client_mode=client_mode,
         shutdown_timeout=config.shutdown_timeout,
@@ -204,6 +239,7 @@ def start_dht(
             pass
         except BaseException as e:  # the DHT process reports its start-up failure here
             error = e
+    identity.forget_fresh_key()  # p2pd has read it; the key lives on in this process only
     if ready:
         try:
             _call(dht, _get_peer_id, config.local_rpc_timeout)  # proves the node answers
@@ -223,6 +259,7 @@ def start_dht(
             raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}; {hint}): {reason}")
         raise P2PColdError(f"swarm: could not start a DHT node for {where}: {reason}")
     daemons.update(_procs.children(dht.pid, "p2pd"))
+    dht.record_owner = owner_subkey(identity.key)
     logger.info("DHT node %s up in %.1f s", dht.peer_id, time.monotonic() - started)
     return dht
 

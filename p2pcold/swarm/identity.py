@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -24,7 +26,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
-from p2pcold.swarm.records import dataclass_from_record
+from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, record_owner, warn_bad_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 logger = get_logger(__name__)
@@ -112,10 +114,39 @@ class RunIdentity:
             and isinstance(identity.contract_hash, str)
             and isinstance(identity.contract, dict)
         )
-        return identity if types_ok else None
+        return identity if types_ok and not identity.problems() else None
+
+    def problems(self) -> list[str]:
+        """What is out of bounds in this record (empty: a well-formed one)."""
+        checks = {
+            "run_id": 0 < len(self.run_id) <= MAX_TEXT,
+            "base_model": len(self.base_model) <= MAX_TEXT,
+            "body_hash": HASH.fullmatch(self.body_hash) is not None,
+            "schema_hash": HASH.fullmatch(self.schema_hash) is not None,
+            "founder": len(self.founder) <= MAX_TEXT,
+            "created_at": not isinstance(self.created_at, bool) and math.isfinite(self.created_at) and self.created_at >= 0,
+            "contract_hash": self.contract_hash == "" or HASH.fullmatch(self.contract_hash) is not None,
+            "contract": len(json.dumps(self.contract, default=str)) <= MAX_CONTRACT_CHARS,
+        }
+        return [name for name, ok in checks.items() if not ok]
 
     def _order(self) -> tuple[float, str]:
         return (float(self.created_at), self.founder)
+
+
+MAX_TEXT = 1000  # chars of a run id, model name or peer id in an identity record
+MAX_CONTRACT_CHARS = 20_000  # the run contract as JSON
+HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def identity_record_problem(subkey: object, value: object) -> str | None:
+    """Why `value` under `subkey` is not a valid identity entry (None: it is one, or a withdrawn one)."""
+    owner = owner_peer_id(subkey)
+    if owner is None:
+        return "no owner mark in its subkey (an unsigned record)"
+    if value is not None and RunIdentity.from_record(value) is None:
+        return f"from {owner}: not a well-formed run identity"
+    return None
 
 
 def contract_hash(contract: Mapping[str, Any]) -> str:
@@ -140,29 +171,51 @@ def join_run(dht: hivemind.DHT, run_id: str, identity: RunIdentity, config: Swar
         raise P2PColdError("swarm: run_id is empty")
     if identity.run_id != run_id:
         raise P2PColdError(f"swarm: identity is for run {identity.run_id!r}, not {run_id!r}")
+    pinned = config.theta0_hash
+    if pinned is not None and identity.body_hash != pinned:
+        raise P2PColdError(
+            f"cannot join run {run_id!r}: your base model hash (θ0) {identity.body_hash[:12]}… is not the one the run config pins "
+            f"(swarm.theta0_hash {pinned[:12]}…)"
+        )
     deadline = time.monotonic() + config.join_timeout
-    key, me = identity_key(run_id), str(dht.peer_id)
+    key, me, owner = identity_key(run_id), str(dht.peer_id), record_owner(dht)
 
-    entries = _read_entries(dht, key, deadline, config)
+    entries = _pinned(_read_entries(dht, key, deadline, config), identity, pinned, run_id)
     published_own: float | None = None
     if not entries:
         candidate = dataclasses.replace(identity, founder=me, created_at=get_dht_time())
         published_own = get_dht_time() + config.identity_ttl
-        _store(dht, key, me, candidate.to_record(), published_own, deadline, config)
+        _store(dht, key, owner, candidate.to_record(), published_own, deadline, config)
         logger.info("run %r: no identity in the DHT, publishing ours as founder", run_id)
         # a rival founder that read the key empty at the same time shows up here
         time.sleep(min(config.identity_settle_time, max(0.0, deadline - time.monotonic())))
-        entries = _read_entries(dht, key, deadline, config)
+        entries = _pinned(_read_entries(dht, key, deadline, config), identity, pinned, run_id)
         entries.setdefault(me, candidate)
 
     canonical = min(entries.values(), key=RunIdentity._order)
     differences = canonical.differences(identity)
     if differences:
         if published_own is not None:  # we raced a founder and lost: withdraw our entry
-            _store(dht, key, me, None, float(np.nextafter(published_own, np.inf)), deadline, config, must=False)
-        raise P2PColdError(f"cannot join run {run_id!r} (founded by {canonical.founder}): " + "; ".join(differences))
-    _store(dht, key, me, canonical.to_record(), get_dht_time() + config.identity_ttl, deadline, config)
+            _store(dht, key, owner, None, float(np.nextafter(published_own, np.inf)), deadline, config, must=False)
+        hint = "" if pinned else f" (if that identity is forged, pin θ0 in the run config: swarm.theta0_hash: {identity.body_hash})"
+        raise P2PColdError(f"cannot join run {run_id!r} (founded by {canonical.founder}): " + "; ".join(differences) + hint)
+    _store(dht, key, owner, canonical.to_record(), get_dht_time() + config.identity_ttl, deadline, config)
     return canonical
+
+
+def _pinned(entries: dict[str, RunIdentity], identity: RunIdentity, pinned: str | None, run_id: str) -> dict[str, RunIdentity]:
+    """With θ0 pinned by the run config, the config is the authority, not the earliest entry: entries
+    that differ from this peer's identity (θ0, schema or contract) are ignored, their writers named in
+    one warning line. Without a pin, every entry counts."""
+    if pinned is None:
+        return entries
+    forged = sorted(peer for peer, entry in entries.items() if entry.differences(identity))
+    if forged:
+        logger.warning(
+            "run %r: ignoring %d identity record(s) that differ from the run config pinned by swarm.theta0_hash (written by %s)",
+            run_id, len(forged), ", ".join(forged[:3]) + ("…" if len(forged) > 3 else ""),
+        )  # fmt: skip
+    return {peer: entry for peer, entry in entries.items() if peer not in forged}
 
 
 def _read_entries(dht: hivemind.DHT, key: str, deadline: float, config: SwarmConfig) -> dict[str, RunIdentity]:
@@ -180,11 +233,12 @@ def _read_entries(dht: hivemind.DHT, key: str, deadline: float, config: SwarmCon
     entries: dict[str, RunIdentity] = {}
     if found is not None and isinstance(found.value, dict):
         for subkey, item in found.value.items():
-            parsed = RunIdentity.from_record(getattr(item, "value", None))
-            if parsed is not None:
-                entries[str(subkey)] = parsed
-            elif getattr(item, "value", None) is not None:
-                logger.warning("ignoring a malformed identity record under %s from %s", key, subkey)
+            value = getattr(item, "value", None)
+            problem = identity_record_problem(subkey, value)
+            if problem:
+                warn_bad_record("identity", "%s", problem)
+            elif value is not None:
+                entries[owner_peer_id(subkey)] = RunIdentity.from_record(value)
     return entries
 
 

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Sequence
 
 import hivemind
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
@@ -95,17 +96,19 @@ def no_relay_message(config: SwarmConfig) -> str:
 # ---------------------------------------------------------------------------- joining
 
 
-def join_swarm(config: SwarmConfig, initial_peers: Sequence[str], *, secret: RunSecret | None = None) -> tuple[hivemind.DHT, Mode]:
+def join_swarm(
+    config: SwarmConfig, initial_peers: Sequence[str], *, secret: RunSecret | None = None, record_validators: Sequence[RecordValidatorBase] = ()
+) -> tuple[hivemind.DHT, Mode]:
     """Start this peer's DHT node as a public member or as a client, following `config.reachability`.
 
     Bounded: the DHT start(s) (`dht_startup_timeout + bootstrap_timeout` each) and one dial-back check
     (`reachability_timeout`). Raises P2PColdError (nothing left running) when the peer is not reachable
-    and no member relays. `secret`: the run secret of a private swarm (see `start_dht`)."""
+    and no member relays. `secret`, `record_validators`: as for `start_dht`."""
     listen_maddr(config.host, config.port)  # a host that is not an IP address: one line, before anything starts
     if config.reachability == "public" or not initial_peers or is_loopback_swarm(config.host):
-        return _start_public(config, initial_peers, config.reachability == "public" and bool(initial_peers), secret), Mode.PUBLIC
+        return _start_public(config, initial_peers, config.reachability == "public" and bool(initial_peers), secret, record_validators), Mode.PUBLIC
     config = _with_fixed_port(config)  # a restart as a public member must keep the port members dialed
-    dht = start_dht(config, initial_peers, client_mode=True, secret=secret)
+    dht = start_dht(config, initial_peers, client_mode=True, secret=secret, record_validators=record_validators)
     try:
         check = dial_back(dht, config, initial_peers)
         _report_announced(config, check)
@@ -114,7 +117,7 @@ def join_swarm(config: SwarmConfig, initial_peers: Sequence[str], *, secret: Run
             stop_dht(dht, grace_s=config.shutdown_timeout)
             dht = None
             logger.info("reachable from outside (%d of %d members dialed back): joining as a public member", len(check.dialed_by), len(check.answered))
-            return _start_public(config, initial_peers, False, secret), Mode.PUBLIC
+            return _start_public(config, initial_peers, False, secret, record_validators), Mode.PUBLIC
         if check.answered and not check.relays:
             raise P2PColdError(no_relay_message(config))
         if reachable is None:
@@ -127,8 +130,8 @@ def join_swarm(config: SwarmConfig, initial_peers: Sequence[str], *, secret: Run
         raise
 
 
-def _start_public(config: SwarmConfig, initial_peers: Sequence[str], report: bool, secret: RunSecret | None) -> hivemind.DHT:
-    dht = start_dht(config, initial_peers, secret=secret)
+def _start_public(config: SwarmConfig, initial_peers: Sequence[str], report: bool, secret: RunSecret | None, record_validators) -> hivemind.DHT:
+    dht = start_dht(config, initial_peers, secret=secret, record_validators=record_validators)
     try:
         serve_dial_back(dht, config)
         if report and config.announce_maddrs:

@@ -14,13 +14,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Collection, Mapping
 
 import hivemind
 
 from p2pcold.config import SwarmConfig
 from p2pcold.swarm.progress import PeerProgress, publish_progress, read_progress
-from p2pcold.swarm.records import assignment_key, get_records, put_record, watcher_key
+from p2pcold.swarm.records import (
+    assignment_iteration,
+    assignment_key,
+    assignment_record_problem,
+    assignment_subkey,
+    get_records,
+    owner_peer_id,
+    put_record,
+    record_owner,
+    warn_bad_record,
+    watcher_key,
+    watcher_record_problem,
+)
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -51,12 +63,35 @@ def newest_per_dataset(records, exclude_dataset: str | None) -> tuple[PeerProgre
     return tuple(sorted(newest.values(), key=lambda p: p.dataset))
 
 
+def trusted_watchers(records: Mapping[str, object], iterations: int | None) -> dict[str, int]:
+    """Monitor peer id -> the fused base it holds, from well-formed, owned watcher records."""
+    return {
+        owner_peer_id(subkey): value["iteration"]
+        for subkey, value in records.items()
+        if watcher_record_problem(subkey, value, iterations) is None
+    }
+
+
 class SwarmTracker:
     """Owns the DHT reads of one process. `progress` is this peer's own record, published from the
-    thread; None until `start_publishing` (a peer not yet admitted; the Repository never publishes one)."""
+    thread; None until `start_publishing` (a peer not yet admitted; the Repository never publishes one).
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, config: SwarmConfig, progress: PeerProgress | None = None):
+    `iterations`: the run's length, which bounds every record's iteration. `assignment_writers`: peer
+    ids whose assignments count (the Repository's; None: any owner's)."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        config: SwarmConfig,
+        progress: PeerProgress | None = None,
+        *,
+        iterations: int | None = None,
+        assignment_writers: Collection[str] | None = None,
+    ):
         self.dht, self.run_id, self.config = dht, run_id, config
+        self.iterations = iterations
+        self.assignment_writers = None if assignment_writers is None else frozenset(assignment_writers)
         self._progress = progress
         self._watching: int | None = None  # a monitor's newest fused base, published instead of a progress record
         self._snapshot = SwarmSnapshot()
@@ -107,7 +142,8 @@ class SwarmTracker:
     def publish_assignment(self, iteration: int, record: dict) -> None:
         """The Repository's word about `iteration` (contributors, group, final, failure), for every peer."""
         config = self.config
-        if not put_record(self.dht, assignment_key(self.run_id), str(iteration), record, config.assignment_timeout, config.dht_request_timeout):
+        subkey = assignment_subkey(record_owner(self.dht), iteration)
+        if not put_record(self.dht, assignment_key(self.run_id), subkey, record, config.assignment_timeout, config.dht_request_timeout):
             raise P2PColdError(f"could not publish the assignment of iteration {iteration} in the DHT")
         self._wake.set()
 
@@ -145,14 +181,28 @@ class SwarmTracker:
             if progress is not None:
                 publish_progress(self.dht, self.run_id, progress, config.progress_ttl, config.dht_request_timeout)
             else:
-                put_record(self.dht, watcher_key(self.run_id), str(self.dht.peer_id), {"iteration": watching}, config.progress_ttl, config.dht_request_timeout)
+                put_record(self.dht, watcher_key(self.run_id), record_owner(self.dht), {"iteration": watching}, config.progress_ttl, config.dht_request_timeout)
         except Exception as e:  # a failed heartbeat must never kill the peer
             logger.debug("progress not published: %s", e)
+
+    def _trusted_assignments(self, records: Mapping[str, object]) -> dict[int, Mapping]:
+        """Iteration -> the Repository's word, from well-formed assignments of a trusted writer."""
+        trusted = {}
+        for subkey, value in records.items():
+            problem = assignment_record_problem(subkey, value, self.iterations)
+            writer = owner_peer_id(subkey)
+            if problem is None and self.assignment_writers is not None and writer not in self.assignment_writers:
+                problem = f"from {writer}, who is not the Repository"
+            if problem:
+                warn_bad_record("assignment", "%s", problem)
+                continue
+            trusted[assignment_iteration(subkey)] = value
+        return trusted
 
     def _refresh(self) -> None:
         timeout = self.config.dht_request_timeout
         try:
-            records = read_progress(self.dht, self.run_id, timeout)
+            records = read_progress(self.dht, self.run_id, timeout, self.iterations)
             assignments = get_records(self.dht, assignment_key(self.run_id), timeout)
             me = self._progress
             watchers = get_records(self.dht, watcher_key(self.run_id), timeout) if me is not None and me.phase == "done" else None
@@ -166,10 +216,8 @@ class SwarmTracker:
         snapshot = SwarmSnapshot(
             peers=newest_per_dataset(others, None if me is None else me.dataset),
             records=tuple(others),
-            assignments=MappingProxyType({int(k): v for k, v in assignments.items() if k.isdigit() and isinstance(v, dict)}),
-            watchers=None if watchers is None else MappingProxyType(
-                {k: v["iteration"] for k, v in watchers.items() if isinstance(v, dict) and isinstance(v.get("iteration"), int)}
-            ),
+            assignments=MappingProxyType(self._trusted_assignments(assignments)),
+            watchers=None if watchers is None else MappingProxyType(trusted_watchers(watchers, self.iterations)),
             taken_at=time.time(),
         )
         with self._refreshed:

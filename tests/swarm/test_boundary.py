@@ -11,6 +11,7 @@ from p2pcold.swarm.boundary import (
     Solo,
     Train,
     Wait,
+    a_record_holds,
     decide,
     decide_start,
     duplicate_dataset_peers,
@@ -18,12 +19,17 @@ from p2pcold.swarm.boundary import (
     watchers_behind,
     ready_contributors,
     repository_word,
+    stragglers,
 )
 from p2pcold.swarm.tracker import newest_per_dataset
 
 
-def peer(dataset: str, iteration: int, phase: str, *, last_fusion: str | None = None, last_seen: float = 100.0, peer_id: str | None = None) -> PeerProgress:
-    return PeerProgress(peer_id or f"id-{dataset}", dataset, iteration, phase, last_seen=last_seen, last_fusion=last_fusion)
+def peer(
+    dataset: str, iteration: int, phase: str, *, last_fusion: str | None = None, last_seen: float = 100.0, peer_id: str | None = None, body: str = "f"
+) -> PeerProgress:
+    """A record; `body`: one hex digit standing for the base it holds (same digit, same base)."""
+    body_hash = body * 64
+    return PeerProgress(peer_id or f"id-{dataset}", dataset, iteration, phase, last_seen=last_seen, last_fusion=last_fusion, body_hash=body_hash)
 
 
 # decide(iteration=2, peers, last_group, now, wait_until=10, deadline=20)
@@ -35,8 +41,14 @@ BOUNDARY = [
     ("a straggler past the wait: fuse without it", [peer("b", 2, "averaging"), peer("c", 2, "finetuning")], set(), 11, Fuse(("b",), ("c",))),
     ("only stragglers, past the wait", [peer("c", 2, "finetuning")], set(), 11, Solo("nobody else at iteration 2")),
     ("a joiner and a downloader count as on their way", [peer("b", 2, "joining"), peer("c", 2, "downloading")], set(), 3, Wait("peers still on their way", ("b", "c"))),
-    ("a peer ahead: adopt its base", [peer("b", 3, "finetuning"), peer("c", 2, "averaging")], set(), 0, Adopt(3, "the swarm is at iteration 3")),
-    ("a peer ahead wins even past the deadline", [peer("b", 4, "done")], set(), 25, Adopt(4, "the swarm is at iteration 4")),
+    ("two peers ahead: adopt their base", [peer("b", 3, "finetuning"), peer("c", 3, "averaging"), peer("d", 2, "averaging")], set(), 0, Adopt(3, "the swarm is at iteration 3")),
+    ("peers ahead win even past the deadline", [peer("b", 4, "done"), peer("c", 4, "done")], set(), 25, Adopt(4, "the swarm is at iteration 4")),
+    ("one record far ahead is not the swarm either", [peer("rogue", 9, "done", body="9"), peer("c", 4, "done")], set(), 12, Solo("nobody else at iteration 2")),
+    # issue 8: one record is not the swarm (a rogue's, a ghost's): it must not move anybody on
+    ("one record ahead is not the swarm", [peer("b", 3, "finetuning"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
+    ("one record at 2**32 - 1 moves nobody", [peer("rogue", 2**32 - 1, "done"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
+    ("two records ahead that disagree on the base are not the swarm", [peer("r1", 8, "finetuning", body="1"), peer("r2", 8, "finetuning", body="2"), peer("c", 2, "averaging")], set(), 0, Fuse(("c",))),
+    ("a rogue far ahead does not hide the group's base", [peer("rogue", 9, "done", body="9"), peer("c", 4, "done"), peer("d", 4, "done")], set(), 0, Adopt(4, "the swarm is at iteration 4")),
     ("deadline passed", [peer("b", 2, "averaging")], set(), 20, Solo("the boundary deadline passed")),
     (
         "a last-group member not yet republished",
@@ -60,7 +72,8 @@ def test_decide_at_the_boundary(situation, peers, last_group, now, expected):
 START = [
     ("fused last time", [peer("b", 3, "finetuning", last_fusion="failed")], "ok", 0, Train()),
     ("first iteration", [], None, 0, Train()),
-    ("the swarm is ahead: catch up", [peer("b", 5, "finetuning")], "ok", 0, Adopt(5, "the swarm is at iteration 5")),
+    ("the swarm is ahead: catch up", [peer("b", 5, "finetuning"), peer("c", 5, "averaging")], "ok", 0, Adopt(5, "the swarm is at iteration 5")),
+    ("one peer ahead is not the swarm", [peer("b", 5, "finetuning")], "ok", 0, Train()),
     (
         "our fusion failed, another peer of the same iteration fused: adopt its body",
         [peer("b", 3, "averaging", last_fusion="ok")],
@@ -79,6 +92,32 @@ START = [
 @pytest.mark.parametrize("situation, peers, last_fusion, now, expected", START, ids=[row[0] for row in START])
 def test_decide_before_finetuning(situation, peers, last_fusion, now, expected):
     assert decide_start(3, peers, last_fusion, now, wait_until=10) == expected
+
+
+# decide(iteration=2, ..., not_waiting_for=...): a ghost (a record that says "finetuning" forever)
+GHOST = [
+    ("a ghost is waited for once", [peer("b", 2, "averaging"), peer("ghost", 2, "finetuning")], frozenset(), 0, Wait("peers still on their way", ("ghost",))),
+    ("then no more", [peer("b", 2, "averaging"), peer("ghost", 2, "finetuning")], frozenset({"id-ghost"}), 0, Fuse(("b",))),
+    ("a ghost alone costs no wait either", [peer("ghost", 2, "finetuning")], frozenset({"id-ghost"}), 0, Wait("nobody else at iteration 2 yet")),
+]
+
+
+@pytest.mark.parametrize("situation, peers, stragglers, now, expected", GHOST, ids=[row[0] for row in GHOST])
+def test_a_ghost_costs_one_bounded_wait(situation, peers, stragglers, now, expected):
+    assert decide(2, peers, set(), now, wait_until=10, deadline=20, not_waiting_for=stragglers) == expected
+
+
+def test_a_straggler_is_waited_for_again_once_it_reaches_a_boundary():
+    swarm = [peer("b", 2, "averaging"), peer("ghost", 2, "finetuning")]
+    missed = stragglers(frozenset(), ("ghost",), swarm)
+    assert missed == {"id-ghost"}
+    assert stragglers(missed, (), swarm) == {"id-ghost"}  # still finetuning: still not waited for
+    assert stragglers(missed, (), [peer("ghost", 3, "averaging")]) == frozenset()  # it got there: forgiven
+
+
+def test_a_record_ahead_is_worth_a_moment_only_when_it_exists():
+    assert a_record_holds(3, [peer("rogue", 8, "finetuning", body="1")])  # not vouched for, but worth a look
+    assert not a_record_holds(3, [peer("b", 2, "averaging")])  # a fresh swarm: start at once
 
 
 def test_a_dead_peer_is_simply_absent_and_a_restarted_peer_counts_once():

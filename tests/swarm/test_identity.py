@@ -98,3 +98,33 @@ def test_a_different_run_contract_names_each_field_and_both_values():
     ]
     assert run_contract(mine)["finetune.batch_size"] == mine.finetune.batch_size and "finetune.budget" not in run_contract(mine)
     assert run_contract(mine)["aggregation.rule"] == "auto"  # every reducer must fuse with the same rule
+
+
+@pytest.mark.timeout(90)
+def test_a_forged_identity_fails_loudly_and_a_pinned_theta0_lets_joiners_in(swarm, caplog):
+    """Issue 8: a rogue publishes an identity with created_at = 0 and another θ0 before anyone joins.
+    Without a pin, a joiner is refused in one line that names the forger and says how to pin θ0; with
+    swarm.theta0_hash, the forged entry is ignored (one warning line naming it) and joiners get in."""
+    from p2pcold.swarm.identity import identity_key
+    from p2pcold.swarm.records import put_record, record_owner
+
+    config = fast_config()
+    rogue, founder, joiner = swarm.start(3, config)
+    identity = RunIdentity.for_body("pin-run", "minilm", make_body(0))
+    forged = RunIdentity.for_body("pin-run", "minilm", make_body(7))
+    forged = RunIdentity(**{**forged.to_record(), "founder": peer_id(rogue), "created_at": 0.0})
+    assert put_record(rogue, identity_key("pin-run"), record_owner(rogue), forged.to_record(), ttl=600, timeout=5)
+
+    with pytest.raises(P2PColdError) as refused:
+        join_run(founder, "pin-run", identity, config)
+    message = str(refused.value)
+    assert f"founded by {peer_id(rogue)}" in message and f"swarm.theta0_hash: {identity.body_hash}" in message
+
+    pinned = config.model_copy(update={"theta0_hash": identity.body_hash})
+    with caplog.at_level("WARNING", logger="p2pcold"):
+        canonical = join_run(founder, "pin-run", identity, pinned)
+    assert canonical.founder == peer_id(founder) and canonical.body_hash == identity.body_hash
+    assert f"ignoring 1 identity record(s) that differ from the run config pinned by swarm.theta0_hash (written by {peer_id(rogue)})" in caplog.text
+    assert join_run(joiner, "pin-run", identity, pinned) == canonical
+    with pytest.raises(P2PColdError, match="is not the one the run config pins"):
+        join_run(joiner, "pin-run", forged, pinned.model_copy(update={"theta0_hash": identity.body_hash}))
