@@ -77,9 +77,8 @@ class RunState:
             raise P2PColdError(f"{path}: checkpoint was made from another base model (hash {meta.base_hash[:12]}); use another run folder")
         self.iteration, self.base = meta.iteration, body_state(load_body(str(path)))
         self.heads = load_heads(path)
+        # None also where no fusion has stepped yet; a centralized peer's checkpoints never hold one (the Repository's do)
         self.momentum = load_outer_state(path)
-        if self.config.fusion.outer_momentum and self.iteration and self.momentum is None:
-            raise P2PColdError(f"{path}: fusion.outer_momentum is set but the checkpoint holds no momentum buffer; use another run folder")
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return meta
 
