@@ -11,7 +11,7 @@ from p2pcold.simulate import plan_peers
 from p2pcold.utils import P2PColdError
 from test_local_run import make_config, run_to_end
 
-PROBE = {"frozen_epochs": 40, "frozen_learning_rate": 0.01, "finetune": {"batch_size": 8, "max_length": 16, "budget": {"steps": 1}}}
+PROBE = {"frozen_epochs": 15, "frozen_learning_rate": 0.05, "finetune": {"batch_size": 32, "max_length": 16, "budget": {"steps": 1}}}
 
 
 def test_momentum_and_dare_run_resumes_bit_identical(tmp_path, tiny_model_dir):
@@ -40,7 +40,7 @@ def test_backtracking_rejects_a_harmful_fusion(tmp_path, tiny_model_dir, monkeyp
         return {name: torch.zeros_like(t) if t.is_floating_point() else t for name, t in base.items()}
 
     monkeypatch.setattr(Merger, "merge_all", harmful)
-    fusion = {"backtrack": True, "backtrack_step": step}
+    fusion = {"backtrack": True, "backtrack_step": step, "backtrack_examples": 64}
     config = make_config(tmp_path, tiny_model_dir, iterations=1, contributors_per_iteration=None, fusion=fusion, eval=PROBE)
     run = run_to_end(config)
     record = run.history[0]["backtrack"]
