@@ -7,7 +7,7 @@ import pytest
 
 from bodies import final_body, reference_body
 from swarm_cli import toy_recipes, write_run_config
-from test_swarm_modes import assert_close
+from test_swarm_modes import assert_close, run_with_repository
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -32,11 +32,7 @@ def test_repository_with_dare_and_nesterov_momentum_equals_the_reference_run(swa
     recipes = toy_recipes(tmp_path, 3)
     fusion = {"method": "dare", "drop_rate": 0.5, "outer_learning_rate": 0.7, "outer_momentum": 0.5, "nesterov": True}
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, contributors_per_iteration=2, fusion=fusion)
-    maddr = swarm.bootstrap(config, "--repository", "--run-dir", str(tmp_path / "repository"))
-    peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr, "--centralized") for i, recipe in enumerate(recipes)}
-    for name, proc in peers.items():
-        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
-    assert swarm.wait(swarm.procs[0], "bootstrap", timeout=60) == 0
+    peers = run_with_repository(swarm, tmp_path, config, recipes)
     reference = reference_body(config)
     assert_close(final_body(tmp_path / "repository"), reference)
     for name in peers:
