@@ -175,6 +175,9 @@ class FinetuneConfig(_Section):
     # next iteration; `reinit`: a fresh head every iteration.
     head: Literal["keep", "reinit"] = "reinit"
     dropout: Fraction = 0.1
+    # How the head reads the body: `mean` of the token states (MiniLM was trained as a mean-pooled
+    # sentence encoder) or the first token's state, `cls` (the paper's RoBERTa head).
+    pooling: Literal["mean", "cls"] = "mean"
     num_threads: PositiveInt | None = None  # torch CPU threads; None leaves torch's default
 
 
@@ -217,6 +220,34 @@ class EvalConfig(_Section):
     every: NonNegativeInt = 1  # evaluate the base every N iterations (0: only at the end)
 
 
+class FusionConfig(_Section):
+    """How contributions become θ_{i+1} (p2pcold.merging, docs/science.md). The defaults are the
+    paper's: the mean of the bodies, a full outer step, no momentum, no backtracking."""
+
+    # mean: the paper; task_arithmetic: base + scale·Σ deltas; ties: trim, elect sign, disjoint
+    # mean (`p2pcold local` only); dare: drop deltas' entries at drop_rate and rescale, then the mean.
+    method: Literal["mean", "task_arithmetic", "ties", "dare"] = "mean"
+    scale: _number(float, gt=0, le=10) = 1.0  # λ of task_arithmetic and ties
+    density: _number(float, gt=0, le=1) = 0.2  # share of each delta's entries TIES keeps (by magnitude)
+    drop_rate: Fraction = 0.9  # share of each delta's entries DARE drops
+    # θ_{i+1} = θ_i + outer_learning_rate·(merged − θ_i), with optional momentum (DiLoCo-style)
+    outer_learning_rate: _number(float, gt=0, le=2) = 1.0
+    outer_momentum: Fraction = 0.0
+    nesterov: bool = False
+    # §7 backtracking (`p2pcold local` only): score the fused base against θ_i on each member's dev
+    # set (a linear probe on frozen features); when it is worse on most members, take
+    # θ_i + backtrack_step·(fused − θ_i) instead (0: keep θ_i).
+    backtrack: bool = False
+    backtrack_step: Fraction = 0.0
+    backtrack_examples: PositiveInt = 200  # train and dev examples per member for the probe
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FusionConfig:
+        if self.nesterov and not self.outer_momentum:
+            raise ValueError("nesterov needs outer_momentum above 0")
+        return self
+
+
 class SimulateConfig(_Section):
     """`p2pcold simulate`: a whole swarm of real peer processes on one machine."""
 
@@ -238,6 +269,7 @@ class RunConfig(_Section):
     seed: NonNegativeInt = 0
     fusion_weighting: Literal["uniform", "examples"] = "uniform"
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)  # how contributions are combined
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Text = "runs/local"
@@ -560,7 +592,9 @@ CONTRACT_FIELDS = (
     "num_hidden_layers", "iterations", "contributors_per_iteration", "fusion_weighting", "seed",
     "finetune.learning_rate", "finetune.weight_decay", "finetune.warmup_ratio", "finetune.batch_size",
     "finetune.gradient_accumulation", "finetune.max_length", "finetune.head", "finetune.dropout",
-    "finetune.optimizer", "finetune.precision",
+    "finetune.optimizer", "finetune.precision", "finetune.pooling",
+    "fusion.method", "fusion.scale", "fusion.density", "fusion.drop_rate", "fusion.outer_learning_rate",
+    "fusion.outer_momentum", "fusion.nesterov",
     "aggregation.rule", "aggregation.robust_min_contributors", "aggregation.trim_fraction",
     "aggregation.weight_cap", "aggregation.norm_clip",
 )  # fmt: skip

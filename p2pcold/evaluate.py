@@ -92,7 +92,7 @@ class Evaluator:
         load_body_state(self.body, base)
         seed = derive_seed(self.seed, purpose, data.name)
         head = new_head(hidden_size(self.body), data.num_labels, seed, self.config.finetune.dropout)
-        return Classifier(self.body, head).to(self.device)
+        return Classifier(self.body, head, self.config.finetune.pooling).to(self.device)
 
     def _test_loader(self, data: PreparedDataset):
         return make_loader(data.test, self.tokenizer, self.config.finetune.batch_size, shuffle=False, seed=0)
@@ -105,14 +105,41 @@ class Evaluator:
 
     def _frozen(self, base, data: PreparedDataset, train) -> float:
         model = self._model(base, data, "eval-frozen-head")
-        batch = self.config.finetune.batch_size
-        train_x, train_y = encode(model, train, self.tokenizer, batch, self.device)
-        test_x, test_y = encode(model, data.test, self.tokenizer, batch, self.device)
-        head = model.head.cpu()
         seed = derive_seed(self.seed, "eval-frozen", data.name)
-        train_probe(head, train_x, train_y, self.config.frozen_epochs, self.config.frozen_learning_rate, batch, seed)
-        with torch.no_grad():
-            return float((head(test_x).argmax(-1) == test_y).float().mean())
+        return probe_accuracy(model, train, data.test, self.tokenizer, self.config, seed, self.device)
+
+
+def probe_accuracy(model: Classifier, train, test, tokenizer, config: EvalConfig, seed: int, device: torch.device) -> float:
+    """CoLD-Frozen: train `model`'s head on the frozen body's cached features of `train`, then its test accuracy."""
+    batch = config.finetune.batch_size
+    train_x, train_y = encode(model, train, tokenizer, batch, device)
+    test_x, test_y = encode(model, test, tokenizer, batch, device)
+    head = model.head.cpu()
+    train_probe(head, train_x, train_y, config.frozen_epochs, config.frozen_learning_rate, batch, seed)
+    with torch.no_grad():
+        return float((head(test_x).argmax(-1) == test_y).float().mean())
+
+
+class DevScorer:
+    """Backtracking's cheap score of a base on a contributor's data (§7): CoLD-Frozen trained on
+    `examples` of its train split, tested on `examples` of its dev split. Seeded per dataset, so two
+    bases are compared on the same examples with the same head initialisation."""
+
+    def __init__(self, config: EvalConfig, tokenizer, body, examples: int, seed: int, device: torch.device):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.body = body  # a working body of its own
+        self.examples = examples
+        self.seed = seed
+        self.device = device
+
+    def score(self, base: dict[str, torch.Tensor], data: PreparedDataset) -> float:
+        load_body_state(self.body, base)
+        head = new_head(hidden_size(self.body), data.num_labels, derive_seed(self.seed, "backtrack-head", data.name), 0.0)
+        model = Classifier(self.body, head, self.config.finetune.pooling).to(self.device)
+        train = few_shot(data.train, self.examples, derive_seed(self.seed, "backtrack-train", data.name))
+        dev = few_shot(data.dev, self.examples, derive_seed(self.seed, "backtrack-dev", data.name))
+        return probe_accuracy(model, train, dev, self.tokenizer, self.config, derive_seed(self.seed, "backtrack-probe", data.name), self.device)
 
 
 def evaluate_and_record(

@@ -255,7 +255,7 @@ class Contributor:
     def contribute(self, body, base: dict[str, torch.Tensor], iteration: int, device: torch.device, show_progress: bool = True) -> Contribution:
         """Finetune `base` (loaded into the working `body`) on this dataset for one iteration's budget."""
         load_body_state(body, base)
-        model = Classifier(body, self._head(hidden_size(body), iteration))
+        model = Classifier(body, self._head(hidden_size(body), iteration), self.config.pooling)
         result = finetune(
             model,
             self.data,

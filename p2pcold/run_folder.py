@@ -46,6 +46,8 @@ def check_run_folder(path: str | os.PathLike, config: RunConfig) -> Path:
     if saved is None:
         return path
     current = _flatten(to_dict(config))
+    # a field added to p2pcold after the folder's run started holds its default there
+    saved = {**{k: v for k, v in _flatten(to_dict(RunConfig())).items() if k not in saved}, **saved}
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k) and k.split(".")[0] not in NOT_PART_OF_THE_RUN)
     if differing:
         shown = ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} now)" for k in differing[:4])

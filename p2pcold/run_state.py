@@ -1,7 +1,8 @@
 """One run's state on disk and in memory, shared by LocalRun, both peers and the Repository.
 
 θ0 (tokenizer, body, its state and hash), resuming from the run folder's newest checkpoint (which
-must belong to the same run and base model), and `save_checkpoint`.
+must belong to the same run and base model), the run's fusion options (`contribution` before the
+average, `step` after it, with the outer momentum buffer checkpointed beside θ_i) and `save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from p2pcold.config import RunConfig
+from p2pcold.merging import Merger, outer_step, swarm_refusal
 from p2pcold.model import (
     CheckpointMeta,
     body_state,
@@ -18,6 +20,7 @@ from p2pcold.model import (
     load_body,
     load_body_state,
     load_heads,
+    load_outer_state,
     load_tokenizer,
     read_metadata,
     save_run_checkpoint,
@@ -40,6 +43,27 @@ class RunState:
         self.base_hash = state_dict_hash(self.theta0)
         self.iteration, self.base = 0, self.theta0
         self.heads: dict[str, dict[str, torch.Tensor]] = {}  # from the resumed checkpoint
+        self.merger = Merger(config.fusion, config.seed)
+        self.momentum: dict[str, torch.Tensor] | None = None  # the outer step's buffer (fusion.outer_momentum)
+
+    def refuse_in_swarm(self, centralized: bool) -> None:
+        """A one-line error when the swarm mode cannot run the configured fusion options exactly."""
+        problem = swarm_refusal(self.config.fusion, centralized)
+        if problem:
+            raise P2PColdError(problem)
+
+    def contribution(self, body: dict[str, torch.Tensor], dataset: str) -> dict[str, torch.Tensor]:
+        """What a contributor's finetuned `body` of this iteration puts into the average."""
+        return self.merger.contribution(body, self.base, self.iteration, dataset)
+
+    def step(self, mean: dict[str, torch.Tensor], contributors: int) -> dict[str, torch.Tensor]:
+        """θ_{i+1} from the average of `contributors` contributions: the merge method's scale, then the
+        outer step (which advances the momentum buffer). The caller sets `iteration` and `base`."""
+        return self.step_from_merged(self.merger.finish(mean, self.base, contributors))
+
+    def step_from_merged(self, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fused, self.momentum = outer_step(self.base, merged, self.config.fusion, self.momentum)
+        return fused
 
     def resume(self) -> CheckpointMeta | None:
         """Load the newest checkpoint of the run folder, if any; refuse one of another run or base model."""
@@ -53,6 +77,8 @@ class RunState:
             raise P2PColdError(f"{path}: checkpoint was made from another base model (hash {meta.base_hash[:12]}); use another run folder")
         self.iteration, self.base = meta.iteration, body_state(load_body(str(path)))
         self.heads = load_heads(path)
+        # None also where no fusion has stepped yet; a centralized peer's checkpoints never hold one (the Repository's do)
+        self.momentum = load_outer_state(path)
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return meta
 
@@ -62,4 +88,4 @@ class RunState:
         meta = CheckpointMeta(
             iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra=dict(extra or {})
         )
-        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads or None, keep_last=self.keep_last)
+        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads or None, keep_last=self.keep_last, outer_state=self.momentum)

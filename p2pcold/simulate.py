@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from p2pcold.config import RunConfig, load_dataset_spec, load_run_config, to_dict
+from p2pcold.merging import swarm_refusal
 from p2pcold.run_folder import check_output_dir
 from p2pcold.utils import (
     EXIT_TERMINATED,
@@ -82,6 +83,9 @@ class PeerPlan:
 
 
 def plan_peers(config: RunConfig, peers: int | None, gpus: list[int] | None) -> list[PeerPlan]:
+    problem = swarm_refusal(config.fusion, config.simulate.centralized)
+    if problem:
+        raise P2PColdError(f"simulate: {problem}")
     count = peers or config.simulate.peers or len(config.datasets)
     if count > len(config.datasets):
         raise P2PColdError(f"simulate: {count} peers but {len(config.datasets)} datasets; each peer contributes one dataset")

@@ -63,6 +63,18 @@ def test_head_is_separate_from_the_body(tiny_model_dir):
     assert model(batch).shape == (1, 3)
 
 
+def test_pooling_mean_or_cls(tiny_model_dir):
+    body = load_body(str(tiny_model_dir)).eval()
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    hidden = body(**batch).last_hidden_state[0]
+    mean = Classifier(body, new_head(32, 3, seed=0)).pooled(batch)[0]
+    cls = Classifier(body, new_head(32, 3, seed=0), pooling="cls").pooled(batch)[0]
+    assert torch.allclose(mean, hidden[:4].mean(0), atol=1e-6)  # the padding token is left out
+    assert torch.equal(cls, hidden[0])
+    with pytest.raises(P2PColdError, match="pooling='max'"):
+        Classifier(body, new_head(32, 3, seed=0), pooling="max")
+
+
 def test_new_head_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(1)

@@ -40,7 +40,8 @@ def failed() -> FusionResult:
 def repository(outcomes, on_fusion_failure="error") -> Repository:
     swarm = SwarmConfig(matchmaking_time=0.2, request_timeout=0.1, boundary_deadline=1.5, on_fusion_failure=on_fusion_failure)
     repo = Repository(RunConfig(swarm=swarm), dht=None, run_dir="unused")
-    repo.state = SimpleNamespace(base={"w": torch.zeros(2)}, iteration=0)
+    # the paper's fusion: θ_{i+1} is the contributors' average itself (RunState.step with the default options)
+    repo.state = SimpleNamespace(base={"w": torch.zeros(2)}, iteration=0, step=lambda mean, contributors: mean)
     repo.averager, repo.tracker = ScriptedAverager(outcomes), RecordingTracker()
     return repo
 

@@ -88,3 +88,17 @@ def test_set_learning_rate_trains_and_config_show_prints_every_default(tmp_path,
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["finetune"]["learning_rate"] == 2e-5
     assert latest_checkpoint(tmp_path / "run") == checkpoint_path(tmp_path / "run", 1)
+
+
+def test_a_folder_started_before_a_field_existed_holds_its_default(tmp_path):
+    from p2pcold.run_folder import check_run_folder, write_run_config
+
+    config = RunConfig(output_dir=str(tmp_path / "run"))
+    write_run_config(tmp_path / "run", config)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["fusion"], saved["finetune"]["pooling"]  # a run started before the fusion options
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_folder(tmp_path / "run", config)
+    config.fusion.method = "ties"
+    with pytest.raises(P2PColdError, match=r"fusion.method \('mean' there, 'ties' now\)"):
+        check_run_folder(tmp_path / "run", config)

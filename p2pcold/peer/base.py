@@ -35,6 +35,8 @@ log = get_logger("peer")
 class SwarmPeer:
     """setup() -> train() -> cleanup(); `iteration` / `base` (θ_i) live in `state` (a RunState)."""
 
+    centralized = False  # fuses through a Repository (the fusion options it can run differ)
+
     def __init__(
         self,
         config: RunConfig,
@@ -72,6 +74,7 @@ class SwarmPeer:
             torch.set_num_threads(config.finetune.num_threads)
         # Local work first: a bad recipe, model or run folder fails before anything touches the network.
         self.state = RunState(config, self.run_dir, keep_last=config.keep_checkpoints)
+        self.state.refuse_in_swarm(self.centralized)
         spec = load_dataset_spec(self.dataset)
         self.contributor = Contributor(spec, self.state.tokenizer, config.finetune, config.seed)
         self.name = spec.name
@@ -137,7 +140,8 @@ class SwarmPeer:
         self.tracker.update(phase=Phase.AVERAGING)
         metadata = {"dataset": self.name, "examples": contribution.result.examples}
         # share_result=False: the caller decides what this peer serves, and under which iteration.
-        return self.averager.fuse(contribution.body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
+        body = self.state.contribution(contribution.body, self.name)  # the merge method's part at the contributor
+        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
 
     def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
         """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""

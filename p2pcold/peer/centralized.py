@@ -23,6 +23,8 @@ from p2pcold.utils import P2PColdError
 
 
 class CentralizedPeer(SwarmPeer):
+    centralized = True
+
     def _load_start_state(self) -> None:
         """θ_i comes from the Repository each iteration; only the Repository serves it."""
 

@@ -158,7 +158,8 @@ class DecentralizedPeer(SwarmPeer):
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
                     log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
                     self.last_group = set(fused.members) - {self.peer_id}
-                    self._finish_boundary(fused.averaged, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started, sorted(fused.members))
+                    base = self.state.step(fused.averaged, fused.group_size)
+                    self._finish_boundary(base, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started, sorted(fused.members))
                     return
                 if fused.status is not FusionStatus.ABORTED:  # stopping the search is not a failure
                     failure = fused.reason
@@ -170,7 +171,8 @@ class DecentralizedPeer(SwarmPeer):
             else:
                 log.warning("iteration %d: no peer at this iteration (%s); keeping our own update (a group of one)", i, decision.reason)
             self.last_group = set()
-            self._finish_boundary(contribution.body, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
+            own = self.state.step(self.state.contribution(contribution.body, self.name), 1)  # a group of one
+            self._finish_boundary(own, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
             return
 
     def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, started: float, group_peers: list[str] = ()) -> None:

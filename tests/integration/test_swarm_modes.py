@@ -13,6 +13,16 @@ def assert_close(a, b, atol=1e-5):
     assert worst <= atol, f"bodies differ by up to {worst}"
 
 
+def run_with_repository(swarm, tmp_path, config, recipes) -> list[str]:
+    """A Repository (run folder `repository`) and one centralized peer per recipe, run to the end; the peers' names."""
+    maddr = swarm.bootstrap(config, "--repository", "--run-dir", str(tmp_path / "repository"))
+    peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr, "--centralized") for i, recipe in enumerate(recipes)}
+    for name, proc in peers.items():
+        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
+    assert swarm.wait(swarm.procs[0], "bootstrap", timeout=60) == 0
+    return list(peers)
+
+
 def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
     recipes = toy_recipes(tmp_path, 3)
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, swarm={"target_group_size": 3, "min_group_size": 3})
@@ -32,12 +42,7 @@ def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny
 def test_repository_with_four_peers_and_k2_equals_the_reference_run(swarm, tmp_path, tiny_model_dir):
     recipes = toy_recipes(tmp_path, 4)
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, contributors_per_iteration=2)
-    maddr = swarm.bootstrap(config, "--repository", "--run-dir", str(tmp_path / "repository"))
-    peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr, "--centralized") for i, recipe in enumerate(recipes)}
-    for name, proc in peers.items():
-        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
-    assert swarm.wait(swarm.procs[0], "bootstrap", timeout=60) == 0
-
+    peers = run_with_repository(swarm, tmp_path, config, recipes)
     reference = reference_body(config)
     history = [line for line in swarm.log("bootstrap").splitlines() if "contributors" in line]
     assert len(history) == 3 and all(line.count("toy_") == 2 for line in history)  # k=2 each iteration
