@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from p2pcold.utils import EXIT_TERMINATED, P2PColdError, Terminated, atomic_write_bytes, get_logger, raise_on_sigterm, setup_process
+from p2pcold.utils import EXIT_TERMINATED, P2PColdError, StopSignal, Terminated, atomic_write_bytes, get_logger, raise_on_sigterm, setup_process
 
 log = get_logger("cli")
 
@@ -256,15 +256,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.watch:
             print(status_table(config.run_id, records, time.time()))
             return 0
-        raise_on_sigterm()
-        while True:  # until Ctrl-C (exit 130) or SIGTERM; each read is bounded by dht_request_timeout
-            # clear the screen and home the cursor (ANSI), then the whole table at once: no flicker
-            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + status_table(config.run_id, records, time.time()), flush=True)
-            time.sleep(args.interval)
-            try:
-                records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
-            except P2PColdError as e:
-                log.warning("status not refreshed, showing the last one: %s", e)
+        with StopSignal().installed() as stop:  # until Ctrl-C (exit 130) or SIGTERM (143)
+            while True:  # each read is bounded by dht_request_timeout, and a signal ends the loop after it
+                # clear the screen and home the cursor (ANSI), then the whole table at once: no flicker
+                print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + status_table(config.run_id, records, time.time()), flush=True)
+                if stop.wait(args.interval):
+                    break
+                try:
+                    records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
+                except P2PColdError as e:
+                    log.warning("status not refreshed, showing the last one: %s", e)
+                if stop.signum is not None:
+                    break
+        stop.raise_if_set()
     finally:
         stop_dht(dht, grace_s=config.swarm.shutdown_timeout)
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
 
@@ -51,6 +52,40 @@ def raise_on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+
+
+class StopSignal:
+    """SIGINT and SIGTERM, recorded instead of raised, for loops that only wait between bounded calls
+    into hivemind: an exception raised at an arbitrary point inside hivemind's futures or pipes can
+    leave a lock held, and the process then hangs in its own shutdown. `raise_if_set` turns the
+    signal into KeyboardInterrupt or `Terminated` at a point of the caller's choosing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._event = threading.Event()
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+        self._event.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignal"]:
+        previous = {sig: signal.signal(sig, self._record) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds` or until a signal arrives; True once one did."""
+        return self._event.wait(seconds)
+
+    def raise_if_set(self) -> None:
+        if self.signum == signal.SIGTERM:
+            raise Terminated()
+        if self.signum is not None:
+            raise KeyboardInterrupt()
 
 
 def recipes_dir() -> Path:

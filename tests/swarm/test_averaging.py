@@ -82,7 +82,7 @@ def test_abort_stops_the_search_and_the_averager_still_fuses_afterwards(swarm):
     result = averagers[0].fuse(bodies[0], 5, 1.0, deadline_s=20.0, abort=lambda: time.monotonic() - started > 1.0)
     assert result.status is FusionStatus.ABORTED and result.averaged is None and "abort" in result.reason
     assert 1.0 <= result.elapsed_s < 3.0
-    both = fuse_all(averagers, bodies, [6, 6], [1.0, 1.0], deadline=10.0)
+    both = fuse_all(averagers, bodies, [6, 6], [1.0, 1.0], deadline=15.0)  # as the other two-member fusions here: matchmaking on a loaded box
     for fused in both:
         assert fused.ok and fused.group_size == 2, fused.reason
         assert_bodies_close(fused.averaged, weighted_mean(bodies, [1.0, 1.0]))
