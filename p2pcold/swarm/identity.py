@@ -197,7 +197,8 @@ def join_run(dht: hivemind.DHT, run_id: str, identity: RunIdentity, config: Swar
     if differences:
         if published_own is not None:  # we raced a founder and lost: withdraw our entry
             _store(dht, key, owner, None, float(np.nextafter(published_own, np.inf)), deadline, config, must=False)
-        hint = "" if pinned else f" (if that identity is forged, pin θ0 in the run config: swarm.theta0_hash: {identity.body_hash})"
+        forged_theta0 = not pinned and canonical.body_hash != identity.body_hash  # the only lock-out a pin cures
+        hint = f" (if that identity is forged, pin θ0 in the run config: swarm.theta0_hash: {identity.body_hash})" if forged_theta0 else ""
         raise P2PColdError(f"cannot join run {run_id!r} (founded by {canonical.founder}): " + "; ".join(differences) + hint)
     _store(dht, key, owner, canonical.to_record(), get_dht_time() + config.identity_ttl, deadline, config)
     return canonical

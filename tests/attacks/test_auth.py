@@ -8,6 +8,7 @@ An open member next to it shows the rogue's RPC calls do reach an unprotected av
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, publish_progress, read_progress, start_dht, visible_maddrs
+from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, read_progress, start_dht, visible_maddrs
 from p2pcold.swarm.auth import TAG_REREAD_INTERVAL_S, RunSecret, load_secret, member_tag, members_key
 from p2pcold.swarm.averaging import averaging_prefix
+from p2pcold.swarm.progress import progress_key
 from p2pcold.utils import P2PColdError
 
 from rogue_auth import call_averaging_rpcs, start_rogue_dht
@@ -87,8 +89,9 @@ def test_an_outsiders_records_are_not_seen_by_members(members):
     rogue = start_rogue_dht(members.maddr, WRONG)
     try:
         rogue_id = str(rogue.peer_id)
-        forged = PeerProgress(rogue_id, "rogue-data", 2**31, Phase.FINETUNING)
-        publish_progress(rogue, RUN, forged, ttl=60, timeout=5.0)
+        forged = PeerProgress(rogue_id, "rogue-data", 2**31, Phase.FINETUNING.value)
+        # written the way hivemind lets any node write (the rogue has no p2pcold signing key)
+        rogue.store(progress_key(RUN), dataclasses.asdict(forged), time.time() + 60, subkey=rogue_id)
         tag = member_tag(WRONG, averaging_prefix(RUN), rogue_id)
         rogue.store(members_key(averaging_prefix(RUN)), tag, time.time() + 60, subkey=rogue_id)
         for member in (members.a, members.b):

@@ -227,7 +227,7 @@ def test_peer_with_another_base_model_is_refused(running_swarm):
     log = processes.log("stranger")
     assert code == 2, log[-3000:]
     last = log.strip().splitlines()[-1]
-    assert re.fullmatch(r"p2pcold: error: cannot join run 'itest' \(founded by \w+\): .*base model hash \(θ0\) differs: swarm has [0-9a-f]{12}…, you have [0-9a-f]{12}…", last), last
+    assert re.fullmatch(r"p2pcold: error: cannot join run 'itest' \(founded by \w+\): .*base model hash \(θ0\) differs: swarm has [0-9a-f]{12}…, you have [0-9a-f]{12}… \(if that identity is forged, pin θ0 in the run config: swarm.theta0_hash: [0-9a-f]{64}\)", last), last
     assert "base model differs" in last  # the two folders' names are shown too, since θ0 differs
     assert "Traceback" not in log
     assert refused < 20, f"refused {refused:.0f} s after joining the DHT (join_timeout is 30 s; a refusal needs no timeout)"
