@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
 
 
+def _sigint_ignored() -> bool:
+    """Whether this process ignores SIGINT at the OS level (what a child process inherits)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 @pytest.fixture(autouse=True)
 def _sigint_left_as_it_was():
     """Each test leaves Ctrl-C as it found it: a process the suite starts later inherits an ignored SIGINT
-    (Python then never installs its KeyboardInterrupt handler), and a test of Ctrl-C would see it ignored.
-    hivemind's averager sets SIG_IGN for good in the process that starts it from the main thread."""
-    import signal
-
-    before = signal.getsignal(signal.SIGINT)
+    (Python then never installs its KeyboardInterrupt handler), and a test of Ctrl-C would see it ignored."""
+    before, ignored = signal.getsignal(signal.SIGINT), _sigint_ignored()
     yield
-    after = signal.getsignal(signal.SIGINT)
-    if after is not before:
+    if signal.getsignal(signal.SIGINT) is not before or _sigint_ignored() != ignored:
         signal.signal(signal.SIGINT, before)
-        pytest.fail(f"the test left SIGINT handled by {after!r} (was {before!r})")
+        pytest.fail(f"the test left SIGINT {'ignored' if _sigint_ignored() else 'changed'} in the test process")
