@@ -84,6 +84,8 @@ def test_monitor_page_in_chromium_and_tensorboard_logs(swarm, tmp_path, tiny_mod
         first = wait_for("both peers", lambda: (rows := peer_rows(driver)) and len(rows) == 2 and rows, 150)
         assert set(first) == {"toy_movies", "toy_flights"}, first
         assert all(it in (0, 1) for it in first.values()), first
+        modes = driver.execute_script("return [...document.querySelectorAll('#peers tbody tr .mode')].map(c => c.textContent)")
+        assert modes == ["public", "public"], modes  # peers on 127.0.0.1 never need a relay
         wait_for("a new iteration", lambda: min(peer_rows(driver).values()) >= 1, 150)
         for name, proc in peers.items():
             assert swarm.wait(proc, name, timeout=150) == 0, swarm.log(name)[-3000:]

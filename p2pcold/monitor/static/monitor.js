@@ -20,11 +20,11 @@ function renderPeers(state) {
   body.replaceChildren();
   for (const p of state.peers) {
     const boundary = p.last_fusion ? `${p.last_fusion}/${p.fusion_attempts} ${p.fusion_attempts === 1 ? "try" : "tries"}` : "-";
-    const cells = [p.peer_id.slice(-8), p.dataset, p.iteration, p.phase, num(p.train_loss), num(p.dev_accuracy),
+    const cells = [p.peer_id.slice(-8), p.dataset, p.iteration, p.phase, p.mode ?? "public", num(p.train_loss), num(p.dev_accuracy),
       num(p.examples_per_second, 1), p.last_group_size ?? "-", boundary, `${Math.max(0, state.now - p.last_seen).toFixed(0)} s ago`];
     const row = el("tr", { "data-dataset": p.dataset, "data-iteration": p.iteration, class: p.live ? "live" : "gone" });
-    const names = ["peer", "dataset", "iteration", "phase", "loss", "dev", "speed", "group", "boundary", "seen"];
-    cells.forEach((c, i) => row.appendChild(el("td", { class: names[i] + (i === 8 && p.last_fusion ? " " + p.last_fusion : "") }, String(c))));
+    const names = ["peer", "dataset", "iteration", "phase", "mode", "loss", "dev", "speed", "group", "boundary", "seen"];
+    cells.forEach((c, i) => row.appendChild(el("td", { class: names[i] + (names[i] === "boundary" && p.last_fusion ? " " + p.last_fusion : "") }, String(c))));
     body.appendChild(row);
   }
 }
