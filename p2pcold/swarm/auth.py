@@ -41,9 +41,11 @@ TOKEN_LIFETIME_S = 3600.0  # a DHT access token's validity; a node renews its ow
 TOKEN_RENEW_BEFORE_S = 600.0
 MEMBER_TAG_TTL_S = 24 * 3600.0  # a member tag's DHT lifetime; `MemberTag.publish_if_due` renews it at half
 _REFUSALS_LOGGED = 100  # distinct refused callers named in the log, per process
-# Unknown callers trigger a re-read of the tags at most this often: a rogue's calls cannot keep the
+# An unknown caller triggers a re-read of the tags at most this often: a rogue's calls cannot keep the
 # averager busy with DHT reads (every member that published before the last read is already cached).
 TAG_REREAD_INTERVAL_S = 1.0
+TAG_READ_FLOOR_S = 0.1  # the fastest the tags are re-read for unknown callers, all of them together
+_CALLERS_REMEMBERED = 10_000  # unknown callers whose last lookup is remembered (then forgotten at once)
 
 
 class RunSecret:
@@ -194,15 +196,19 @@ class MemberGate:
     """Admits an averaging RPC's caller when a valid member tag is published under its proven peer id.
 
     Lives in the averager process. A DHT read (bounded by `lookup_timeout`) happens only for a caller
-    not seen before (at most one every TAG_REREAD_INTERVAL_S); it caches every valid tag it finds, so
-    the members of a group cost one read."""
+    that is not a known member: at most one per caller every TAG_REREAD_INTERVAL_S, and at most one per
+    TAG_READ_FLOOR_S for all callers together, one at a time. The limit is per caller so
+    that a member whose tag was published just after the last read is admitted at its first request:
+    refusing it would let its group assemble without it. Every valid tag found is cached, so the members
+    of a group cost one read."""
 
     def __init__(self, secret: RunSecret, prefix: str, lookup_timeout: float):
         self._secret, self._prefix, self._lookup_timeout = secret, prefix, lookup_timeout
         self._members: set[str] = set()
         self._refused: set[str] = set()
-        self._lookup_lock: asyncio.Lock | None = None  # made in the averager's event loop
+        self._lookup_lock: asyncio.Lock | None = None
         self._last_read = -math.inf
+        self._looked_up: dict[str, float] = {}  # unknown caller -> when a read was last made for it
 
     def is_valid_tag(self, peer_id: str, tag) -> bool:
         return isinstance(tag, bytes) and hmac.compare_digest(tag, member_tag(self._secret, self._prefix, peer_id))
@@ -211,7 +217,7 @@ class MemberGate:
         peer = str(caller)
         if peer in self._members:
             return True
-        await self.read_tags(dht, unless_known=peer)
+        await self._read_tags_for(dht, peer)
         if peer in self._members:
             return True
         if peer not in self._refused and len(self._refused) < _REFUSALS_LOGGED:
@@ -219,18 +225,31 @@ class MemberGate:
             logger.warning("refused %s from %s: no valid member tag (not a member of this private swarm)", what, peer)
         return False
 
-    async def read_tags(self, dht: hivemind.DHT, unless_known: str | None = None) -> None:
-        """Read and cache the published member tags, unless `unless_known` is a member already or the
-        last read was less than TAG_REREAD_INTERVAL_S ago; concurrent callers share one read."""
-        if self._lookup_lock is None:
-            self._lookup_lock = asyncio.Lock()
-        async with self._lookup_lock:
-            if unless_known not in self._members and time.monotonic() - self._last_read >= TAG_REREAD_INTERVAL_S:
-                self._last_read = time.monotonic()
+    async def read_tags(self, dht: hivemind.DHT) -> None:
+        """Read and cache the published member tags now (as a boundary begins)."""
+        async with self._lock():
+            await self._read_tags(dht)
+
+    async def _read_tags_for(self, dht: hivemind.DHT, caller: str) -> None:
+        """Read the tags for an unknown `caller`, unless one was read for it less than
+        TAG_REREAD_INTERVAL_S ago; reads for all callers together wait for TAG_READ_FLOOR_S apart."""
+        if time.monotonic() - self._looked_up.get(caller, -math.inf) < TAG_REREAD_INTERVAL_S:
+            return
+        if len(self._looked_up) >= _CALLERS_REMEMBERED:
+            self._looked_up.clear()
+        self._looked_up[caller] = time.monotonic()
+        async with self._lock():
+            if caller not in self._members:  # another caller's read, while this one waited, may have found it
+                await asyncio.sleep(max(0.0, self._last_read + TAG_READ_FLOOR_S - time.monotonic()))
                 await self._read_tags(dht)
 
+    def _lock(self) -> asyncio.Lock:
+        if self._lookup_lock is None:  # made in the averager's event loop
+            self._lookup_lock = asyncio.Lock()
+        return self._lookup_lock
+
     async def _read_tags(self, dht: hivemind.DHT) -> None:
-        started = time.monotonic()
+        started = self._last_read = time.monotonic()
         try:
             found = await asyncio.wait_for(
                 dht.get(members_key(self._prefix), latest=True, return_future=True), self._lookup_timeout
