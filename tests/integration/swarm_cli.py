@@ -19,6 +19,13 @@ import yaml
 
 from toy_data import write_toy_datasets
 
+def hear_ctrl_c() -> None:
+    """In a child, before exec: SIGINT back to its default, so that the child's Python turns it into
+    KeyboardInterrupt as in a terminal. A suite started in the background by a non-interactive shell
+    ignores SIGINT (POSIX), and children inherit that: tests of Ctrl-C would then see it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 FAST_SWARM = {  # loopback timings: small enough for tests, with the same structure as the defaults
     "host": "127.0.0.1",  # tests stay on loopback (`p2pcold peer` alone would listen on every interface)
     "matchmaking_time": 3.0,
@@ -80,6 +87,7 @@ class SwarmProcesses:
                 stderr=subprocess.STDOUT if stdout_file is None else err,
                 env=env,
                 start_new_session=True,
+                preexec_fn=hear_ctrl_c,
             )
         self.procs.append(proc)
         return proc

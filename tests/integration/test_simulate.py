@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swarm_cli import FAST_SWARM, kill_tagged, scalars, tag_environment, tagged_processes, toy_recipes
+from swarm_cli import FAST_SWARM, hear_ctrl_c, kill_tagged, scalars, tag_environment, tagged_processes, toy_recipes
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(400)]
 
@@ -52,7 +52,9 @@ def simulator():
     def start(*args: str, log: Path) -> subprocess.Popen:
         env = {**os.environ, **tag_environment(tag), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         with open(log, "w") as out:
-            return subprocess.Popen([sys.executable, "-m", "p2pcold.cli", "simulate", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+            return subprocess.Popen(
+                [sys.executable, "-m", "p2pcold.cli", "simulate", *args], stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=hear_ctrl_c
+            )
 
     start.tag = tag
     yield start
