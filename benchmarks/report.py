@@ -205,6 +205,12 @@ def fusion(results: dict) -> str:
     return "\n".join(out + ["", note])
 
 
+UTILISATION_HEADER = [
+    "iteration", "wall (s)", "training s: fast / slow", "examples: fast / slow", "training share: fast / slow", "waiting: fast / slow",
+    "averaging", "dev eval + copies", "checkpoint", "other", "overhead s (all but training)",
+]  # fmt: skip
+
+
 def utilisation(results: dict) -> str:
     r, note = _section(results, "utilisation")
     if r is None:
@@ -231,28 +237,37 @@ def utilisation(results: dict) -> str:
     f = r["fixed_work"]
     add("(a) fixed work, uniform average", f)
     for seconds, s in r["time_budget"].items():
-        add(f"(b) time budget {float(seconds):g} s, weighted by examples", s)
+        add(f"(b) time budget {float(seconds):g} s, weighted by examples, boundary work in line", s)
+    for seconds, s in r.get("time_budget_overlapped", {}).items():
+        add(f"(b) time budget {float(seconds):g} s, weighted by examples, boundary work overlapped", s)
     m = r["model"]
+    if "overlapped_overhead_s" not in m:  # a result from before issue 14
+        return "\n".join([_table(UTILISATION_HEADER, rows), "", note])
     out = [
-        _table(
-            ["iteration", "wall (s)", "training s: fast / slow", "examples: fast / slow", "training share: fast / slow", "waiting: fast / slow", "averaging", "dev eval + copies", "checkpoint", "other", "overhead s (all but training)"],
-            rows,
-        ),
+        _table(UTILISATION_HEADER, rows),
         "",
         "Shares are medians over peers (and over iterations); fast = the 3 normal peers, slow = the half-speed one. "
         "(a) leaves out iteration 0, which also opens the connections. Group sizes seen: "
         + ", ".join(str(g) for g in sorted({g for s in [f, *r["time_budget"].values()] for g in s["group_sizes"]}))
-        + ".",
+        + ". Overlapped: the dev evaluation runs during the all-reduce (its wait, if any, is in \"dev eval + copies\"), "
+        "and the checkpoint is written during the next iteration's training (\"checkpoint\" is handing it to the writer).",
         "",
-        f"Model: utilisation(T) = T / (T + O) with O = {fmt(m['overhead_s'], 1)} s of non-training time per iteration "
-        f"(measured {', '.join(f'{fmt(v, 1)} s at {float(k):g} s' for k, v in m['overhead_s_by_length'].items())}). "
-        f"Time budget: {_pct(m['time_budget_at_120s'])} training at T = 120 s, {_pct(m['time_budget_at_600s'])} at 600 s; "
-        f"95 % needs T ≥ 19 O = {fmt(m['time_budget_length_for_95pct_s'], 0)} s. Fixed work with a 2× slower peer: "
-        f"fast peers {_pct(m['fixed_work_fast_at_120s'])}, slow peer {_pct(m['fixed_work_slow_at_120s'])} at 120 s of fast-peer work "
-        f"(≤ 50 % for the fast peers at any length). Counting the whole `finetune()` call (training + its dev evaluation + copying the "
-        f"body out) as finetuning, the boundary alone costs O_b = {fmt(m['boundary_overhead_s'], 1)} s: "
-        f"{_pct(m['finetune_call_at_120s'])} at 120 s, 95 % from {fmt(m['finetune_call_length_for_95pct_s'], 0)} s. "
-        f"Target ≥ 95 % at ≥ 2 min → {_mark(m['target_met_at_120s'])} (training share, time budget, extrapolated).",
+        "| boundary work | O: non-training s per iteration (by length) | training share at T = 120 s | at 600 s | 97 % from T = |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key in (("in line (before)", ""), ("overlapped (after, the default)", "overlapped_")):
+        by_length = ", ".join(f"{fmt(v, 1)} at {float(k):g} s" for k, v in m[f"{key}overhead_s_by_length"].items())
+        out.append(
+            f"| {label} | {fmt(m[f'{key}overhead_s'], 1)} ({by_length}) | **{_pct(m[f'{key}time_budget_at_120s'])}** | "
+            f"{_pct(m[f'{key}time_budget_at_600s'])} | {fmt(m[f'{key}time_budget_length_for_97pct_s'], 0)} s |"
+        )
+    out += [
+        "",
+        "Model: utilisation(T) = T / (T + O), O measured at two lengths in the same run, both orders interleaved. "
+        f"Fixed work with a 2× slower peer (in line): fast peers {_pct(m['fixed_work_fast_at_120s'])}, slow peer "
+        f"{_pct(m['fixed_work_slow_at_120s'])} at 120 s of fast-peer work (≤ 50 % for the fast peers at any length). "
+        f"Target ≥ {_pct(r['target_fraction'])} at 2-minute iterations → {_mark(m['target_met_at_120s'])} "
+        "(training share, time budget, overlapped, extrapolated).",
     ]
     return "\n".join(out + ["", note])
 
@@ -443,10 +458,38 @@ def robust(results: dict) -> str:
             ["body", "params", "timed rounds", "robust (s)", "mean (s)", "robust / mean"],
             [[t["size"], f"{t['params']:,}", t["repeats"], fmt(t["robust_s"]), fmt(t["mean_s"]), f"**{fmt(t['ratio'])}**"] for t in r["timing"]],
         ),
-        "",
-        "Not measured: MiniLM accuracy with 1 rogue vs honest-only fusion (the issue's target, within 1 point).",
     ]
-    return "\n".join(out + ["", note])
+    return "\n".join(out + ["", note, "", robust_accuracy(results)])
+
+
+def robust_accuracy(results: dict) -> str:
+    r, note = _section(results, "robust_accuracy")
+    if r is None:
+        return f"MiniLM accuracy with 1 rogue: {note}"
+    columns = list(r["rows"][0]["scores"])
+    honest = next(row["mean"] for row in r["rows"] if row["variant"] == "honest only, mean")
+    header = ["fused base"] + [f"{c} ({r['targets'][c.split()[0]]})" for c in columns] + ["mean", "vs honest-only mean (points)", "max |base − honest mean|"]
+    rows = [
+        [row["variant"]] + [f"{row['scores'][c]:.4f}" for c in columns]
+        + [f"{row['mean']:.4f}", f"{100 * (row['mean'] - honest):+.2f}", f"{row['distance']:.3g}"]
+        for row in r["rows"]
+    ]
+    verdict = "met" if r["met"] else "missed"
+    return "\n".join(
+        [
+            f"MiniLM on the offline data (`benchmarks/robust_accuracy.py`): one boundary of the demo's run with "
+            f"{len(r['contributors'])} honest contributors ({', '.join(r['contributors'])}) and one rogue contribution "
+            f"made from θ0; every fused base gets the demo's evaluation ({', '.join(r['modes'])}, {r['few_shot']} "
+            "examples per target). Fusion is `fusion.aggregate`, what every reducer of the all-reduce computes.",
+            "",
+            _table(header, rows),
+            "",
+            f"Target: with 1 rogue, robust fusion within 1 point of honest-only fusion (the paper's mean) → {verdict} "
+            f"(worst: {-r['worst_drop_points']:+.2f} points).",
+            "",
+            note,
+        ]
+    )
 
 
 def generated(results: dict) -> str:

@@ -1,7 +1,7 @@
 """Run the benchmark suite: `make bench`, `python -m benchmarks.run` or `python benchmarks/run.py`.
 
-    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory, gpu, robust); the
-                             others keep their previous results in benchmarks/results.json
+    --only NAME [NAME ...]   run only these (finetune, fusion, utilisation, scaling, memory, gpu, robust,
+                             robust_accuracy); the others keep their previous results in benchmarks/results.json
     --quick                  fewer repeats and configurations (a smoke test, ~5 minutes)
     --no-docs                do not regenerate docs/performance.md
 
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 
 from benchmarks import common  # noqa: E402
 
-ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory", "gpu", "robust"]  # scaling and memory read the others
+ORDER = ["finetune", "fusion", "utilisation", "scaling", "memory", "gpu", "robust", "robust_accuracy"]  # scaling and memory read the others
 
 
 def _module(name: str):
@@ -38,6 +38,7 @@ def _module(name: str):
             "memory": "benchmarks.memory",
             "gpu": "benchmarks.gpu",
             "robust": "benchmarks.robust",
+            "robust_accuracy": "benchmarks.robust_accuracy",
         }[name]
     )
 

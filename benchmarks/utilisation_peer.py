@@ -2,7 +2,8 @@
 
 Usage: python -m benchmarks.utilisation_peer '<json options>' (driven by benchmarks/utilisation.py).
 Options: dataset (recipe path), run_dir, initial_peers, slow (bool), schedule (per iteration:
-{"budget": {...Budget fields}, "weighting": "uniform"|"examples"}), swarm (SwarmConfig fields).
+{"budget": {...Budget fields}, "weighting": "uniform"|"examples", "overlap": swarm.overlap_boundary}),
+swarm (SwarmConfig fields).
 
 After setup it replies {maddrs}; on {"cmd": "train", "start_at": T} it trains from wall time T and
 replies with one record per iteration: wall-clock timestamps of the iteration start, of arriving at
@@ -65,6 +66,7 @@ class TimedPeer(DecentralizedPeer):
         plan = self.schedule[self.iteration]
         self.contributor.config.budget = Budget(**plan["budget"])
         self.config.fusion_weighting = plan["weighting"]
+        self.config.swarm.overlap_boundary = plan["overlap"]
         self.record = {"iteration": self.iteration, "start": time.time()}
         super().run_iteration(*args, **kwargs)
         self.record["end"] = time.time()
@@ -77,7 +79,7 @@ class TimedPeer(DecentralizedPeer):
         contribution = super()._finetune(*args, **kwargs)
         r = contribution.result
         self.record.update(
-            finetune_call_s=time.time() - started,  # finetune() + the dev evaluation + copying the body out
+            finetune_call_s=time.time() - started,  # finetune() + copying the body out, + the dev evaluation in line
             train_s=r.seconds,  # finetune()'s own training-loop time (evaluation excluded)
             examples=r.examples,
             steps=r.steps,
@@ -92,6 +94,12 @@ class TimedPeer(DecentralizedPeer):
         result = super()._fuse(*args, **kwargs)
         self.record.update(fused=time.time(), group_size=result.group_size, status=result.status.value, total_weight=result.total_weight)
         return result
+
+    def _record_dev_accuracy(self, *args, **kwargs):
+        started = time.time()
+        super()._record_dev_accuracy(*args, **kwargs)
+        if getattr(self, "record", None) is not None:  # waiting for the dev evaluation that ran during the boundary
+            self.record["dev_wait_s"] = self.record.get("dev_wait_s", 0.0) + time.time() - started
 
     def save_checkpoint(self, *args, **kwargs):
         started = time.time()

@@ -546,6 +546,10 @@ class SwarmConfig(_Section):
     reachability_timeout: Seconds = 20.0  # the whole dial-back check at start (every member asked in parallel)
     dial_back_timeout: Seconds = 5.0  # a member's TCP dial of one of this peer's addresses; below reachability_timeout
     progress_ttl: Seconds = 60.0  # a peer's progress record expires after this long unless re-published
+    # A peer measures its dev accuracy while the boundary's all-reduce runs, and writes each checkpoint
+    # while the next iteration trains (docs/protocol.md, "The boundary"). false: both in line, before the
+    # boundary and before the next iteration: the same results, more time not training.
+    overlap_boundary: bool = True
     # --- centralized mode (the Repository, paper §2.3)
     peer_wait_timeout: Seconds = 60.0  # the Repository waits this long for every configured dataset's peer to connect
     contributor_deadline: float = 3600.0  # the Repository waits this long for the sampled contributors to finish

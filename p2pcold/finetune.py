@@ -105,6 +105,13 @@ def accuracy(model: Classifier, loader, device: torch.device, config: FinetuneCo
     return correct / max(total, 1)
 
 
+def dev_accuracy_of(model: Classifier, data: PreparedDataset, tokenizer, config: FinetuneConfig, seed: int, device: torch.device) -> float | None:
+    """`model`'s accuracy on `data.dev`; None when the dataset has no dev split."""
+    if not len(data.dev):
+        return None
+    return accuracy(model, make_loader(data.dev, tokenizer, config.batch_size, shuffle=False, seed=seed), device, config)
+
+
 def finetune(
     model: Classifier,
     data: PreparedDataset,
@@ -115,11 +122,13 @@ def finetune(
     train_body: bool = True,
     train_split=None,
     desc: str | None = None,
+    evaluate_dev: bool = True,
 ) -> FinetuneResult:
     """Train `model` (body and head, or the head only) in place on `data.train` within the budget.
 
     `train_split` replaces `data.train` (e.g. a few-shot subset). Returns throughput and
-    accuracy figures; the trained weights stay in `model`.
+    accuracy figures; the trained weights stay in `model`. `evaluate_dev=False` leaves the final dev
+    accuracy out (None), for a caller that measures it later (`dev_accuracy`).
     """
     train = data.train if train_split is None else train_split
     if len(train) == 0:
@@ -204,7 +213,7 @@ def finetune(
     training_seconds = time.perf_counter() - started
     optimizer.zero_grad(set_to_none=True)
     model.body.requires_grad_(True)
-    dev_accuracy = accuracy(model, dev_loader, device, config) if dev_loader else None
+    dev_accuracy = dev_accuracy_of(model, data, tokenizer, config, seed, device) if evaluate_dev else None
     return FinetuneResult(
         examples=examples,
         steps=steps,
@@ -243,6 +252,7 @@ class Contributor:
         self.run_seed = run_seed
         self.data = prepare_dataset(spec, tokenizer, config.max_length)
         self.head_state: dict[str, torch.Tensor] | None = None  # kept across iterations with head: keep
+        self._finetuned: tuple | None = None  # (model, seed, device) of the last contribute, for dev_accuracy
 
     def _head(self, hidden: int, iteration: int) -> ClassificationHead:
         reinit = self.config.head == "reinit" or self.head_state is None
@@ -252,19 +262,33 @@ class Contributor:
             head.load_state_dict(self.head_state)
         return head
 
-    def contribute(self, body, base: dict[str, torch.Tensor], iteration: int, device: torch.device, show_progress: bool = True) -> Contribution:
-        """Finetune `base` (loaded into the working `body`) on this dataset for one iteration's budget."""
+    def contribute(
+        self, body, base: dict[str, torch.Tensor], iteration: int, device: torch.device, show_progress: bool = True, evaluate_dev: bool = True
+    ) -> Contribution:
+        """Finetune `base` (loaded into the working `body`) on this dataset for one iteration's budget.
+
+        `evaluate_dev=False` leaves the dev accuracy to a later `dev_accuracy(...)` call on the same
+        working model (a swarm peer measures it while the boundary's all-reduce runs)."""
         load_body_state(body, base)
         model = Classifier(body, self._head(hidden_size(body), iteration), self.config.pooling)
+        seed = derive_seed(self.run_seed, "finetune", iteration, self.name)
         result = finetune(
             model,
             self.data,
             self.tokenizer,
             self.config,
-            seed=derive_seed(self.run_seed, "finetune", iteration, self.name),
+            seed=seed,
             device=device,
             desc=f"iter {iteration} {self.name}" if show_progress else None,
+            evaluate_dev=evaluate_dev,
         )
+        self._finetuned = (model, seed, device)
         if self.config.head == "keep":
             self.head_state = {k: v.detach().to("cpu", copy=True) for k, v in model.head.state_dict().items()}
         return Contribution(self.name, iteration, body_state(body), result)
+
+    def dev_accuracy(self) -> float | None:
+        """The last finetuned model's dev accuracy, as `contribute(evaluate_dev=True)` reports it. Valid
+        until the working body is loaded again (the next `contribute`)."""
+        model, seed, device = self._finetuned
+        return dev_accuracy_of(model, self.data, self.tokenizer, self.config, seed, device)

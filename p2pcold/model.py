@@ -198,11 +198,16 @@ def save_checkpoint(
     meta: CheckpointMeta,
     heads: dict[str, dict[str, torch.Tensor]] | None = None,
     outer_state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically: readers see the old one or the new one."""
-    meta = dataclasses.replace(meta, body_hash=state_dict_hash(body_state(body)))
+    """Write a complete checkpoint folder atomically: readers see the old one or the new one.
+
+    `state` (default: `body`'s own) holds the weights to write; `body` then only lends its config and
+    class, so the write may run in the background while `body` trains."""
+    state = body_state(body) if state is None else state
+    meta = dataclasses.replace(meta, body_hash=state_dict_hash(state))
     with atomic_directory(path) as tmp:
-        body.save_pretrained(tmp, safe_serialization=True)
+        body.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True)  # a copy: it pops the dict's entries
         tokenizer.save_pretrained(tmp)
         if heads:
             flat = {f"{dataset}/{name}": t.detach().cpu().contiguous() for dataset, state in heads.items() for name, t in state.items()}
@@ -265,10 +270,11 @@ def save_run_checkpoint(
     heads: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
     outer_state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save θ_i as `checkpoints/iter-NNNN`, then point `latest.json` at it; keep the newest `keep_last`."""
     run_dir = Path(run_dir)
-    path = save_checkpoint(checkpoint_path(run_dir, meta.iteration), body, tokenizer, meta, heads, outer_state)
+    path = save_checkpoint(checkpoint_path(run_dir, meta.iteration), body, tokenizer, meta, heads, outer_state, state)
     atomic_write_json(run_dir / "latest.json", {"iteration": meta.iteration, "checkpoint": str(path.relative_to(run_dir))})
     if keep_last:
         for old in sorted((run_dir / "checkpoints").glob("iter-*"))[:-keep_last]:

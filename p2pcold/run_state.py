@@ -2,11 +2,14 @@
 
 θ0 (tokenizer, body, its state and hash), resuming from the run folder's newest checkpoint (which
 must belong to the same run and base model), the run's fusion options (`contribution` before the
-average, `step` after it, with the outer momentum buffer checkpointed beside θ_i) and `save_checkpoint`.
+average, `step` after it, with the outer momentum buffer checkpointed beside θ_i) and `save_checkpoint`
+(in line, or in one writer thread while the caller trains on).
 """
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -16,9 +19,9 @@ from p2pcold.merging import Merger, outer_step, swarm_refusal
 from p2pcold.model import (
     CheckpointMeta,
     body_state,
+    checkpoint_path,
     latest_checkpoint,
     load_body,
-    load_body_state,
     load_heads,
     load_outer_state,
     load_tokenizer,
@@ -37,6 +40,8 @@ class RunState:
         self.config = config
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
+        self._writer: ThreadPoolExecutor | None = None  # started by the first background write
+        self._pending: Future | None = None
         self.tokenizer = load_tokenizer(config.model)
         self.body = load_body(config.model, config.num_hidden_layers)
         self.theta0 = body_state(self.body)
@@ -82,10 +87,39 @@ class RunState:
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return meta
 
-    def save_checkpoint(self, heads: dict[str, dict[str, torch.Tensor]] | None = None, extra: dict | None = None) -> Path:
-        """Write `base` as the checkpoint of `iteration` (atomically; `latest.json` points at it after)."""
-        load_body_state(self.body, self.base)
+    def save_checkpoint(
+        self, heads: dict[str, dict[str, torch.Tensor]] | None = None, extra: dict | None = None, *, background: bool = False
+    ) -> Path:
+        """Write `base` as the checkpoint of `iteration` (atomically; `latest.json` points at it after).
+
+        `background`: return once the previous write is done and this one has started in the writer
+        thread (one write at a time); `wait_for_checkpoint` waits for it. A process killed meanwhile
+        resumes from the previous checkpoint."""
         meta = CheckpointMeta(
             iteration=self.iteration, run_id=self.config.run_id, base_model=self.config.model, base_hash=self.base_hash, extra=dict(extra or {})
         )
-        return save_run_checkpoint(self.run_dir, self.body, self.tokenizer, meta, heads or None, keep_last=self.keep_last, outer_state=self.momentum)
+        # `base`, the heads and the momentum buffer are replaced at each iteration, never changed in place,
+        # so the writer may read them while the working body trains.
+        write = functools.partial(
+            save_run_checkpoint, self.run_dir, self.body, self.tokenizer, meta, heads or None, self.keep_last, self.momentum, self.base
+        )
+        self.wait_for_checkpoint()
+        if not background:
+            return write()
+        self._writer = self._writer or ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending = self._writer.submit(write)
+        return checkpoint_path(self.run_dir, self.iteration)
+
+    def wait_for_checkpoint(self) -> None:
+        """Return once the checkpoint being written in the background (if any) is on disk; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the pending checkpoint write and stop the writer thread."""
+        try:
+            self.wait_for_checkpoint()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()

@@ -3,8 +3,11 @@ tracker that owns this peer's view of the swarm, the averager), finetuning, chec
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -61,6 +64,7 @@ class SwarmPeer:
         self.name = Path(dataset).stem
         self.peer_id = ""
         self.mode = Mode.PUBLIC
+        self._dev_accuracy: Future | None = None  # of the last finetuning; measured during the boundary
 
     @property
     def iteration(self) -> int:
@@ -121,17 +125,34 @@ class SwarmPeer:
     # ------------------------------------------------------------------ train (train() and _load_start_state() are each protocol's)
 
     def _finetune(self) -> Contribution:
+        """Finetune θ_i. With `overlap_boundary`, the previous checkpoint was written meanwhile, and the dev
+        accuracy is measured while the boundary runs (`_record_dev_accuracy` after it)."""
+        overlap = self.config.swarm.overlap_boundary
         self.tracker.update(phase=Phase.FINETUNING, iteration=self.iteration)
-        contribution = self.contributor.contribute(self.state.body, self.state.base, self.iteration, self.device, self.show_progress)
+        contribution = self.contributor.contribute(
+            self.state.body, self.state.base, self.iteration, self.device, self.show_progress, evaluate_dev=not overlap
+        )
+        self.state.wait_for_checkpoint()  # a checkpoint overlaps training only, never a boundary
         r = contribution.result
-        self.tracker.update(train_loss=r.train_loss, dev_accuracy=r.dev_accuracy, examples_per_second=r.examples_per_second, trained_iteration=self.iteration)
-        for tag, value in (("loss", r.train_loss), ("dev_accuracy", r.dev_accuracy), ("examples_per_second", r.examples_per_second)):
+        self.tracker.update(train_loss=r.train_loss, examples_per_second=r.examples_per_second, trained_iteration=self.iteration)
+        for tag, value in (("loss", r.train_loss), ("examples_per_second", r.examples_per_second)):
             self.scalars.add(f"{self.name}/{tag}", value, self.iteration)
         log.info(
-            "iteration %d: finetuned %s, loss %.4f, dev acc %s, %d examples at %.1f ex/s",
-            self.iteration, self.name, r.train_loss, "-" if r.dev_accuracy is None else f"{r.dev_accuracy:.4f}", r.examples, r.examples_per_second,
+            "iteration %d: finetuned %s, loss %.4f, %d examples at %.1f ex/s",
+            self.iteration, self.name, r.train_loss, r.examples, r.examples_per_second,
         )  # fmt: skip
+        self._dev_accuracy = _in_daemon_thread(self.contributor.dev_accuracy) if overlap else _resolved(r.dev_accuracy)
         return contribution
+
+    def _record_dev_accuracy(self, trained: int) -> None:
+        """Publish the dev accuracy of iteration `trained`'s finetuning; waits for it when it is still measured."""
+        future, self._dev_accuracy = self._dev_accuracy, None
+        if future is None:
+            return
+        accuracy = future.result()
+        self.tracker.update(dev_accuracy=accuracy)
+        self.scalars.add(f"{self.name}/dev_accuracy", accuracy, trained)
+        log.info("iteration %d: dev acc %s", trained, "-" if accuracy is None else f"{accuracy:.4f}")
 
     def _weight(self, contribution: Contribution) -> float:
         return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
@@ -154,11 +175,15 @@ class SwarmPeer:
 
     def save_checkpoint(self, fusion: dict | None = None) -> Path:
         heads = {self.name: self.contributor.head_state} if self.contributor.head_state is not None else None
-        return self.state.save_checkpoint(heads, extra={"dataset": self.name, "peer_id": self.peer_id, "fusion": fusion})
+        extra = {"dataset": self.name, "peer_id": self.peer_id, "fusion": fusion}
+        return self.state.save_checkpoint(heads, extra, background=self.config.swarm.overlap_boundary)  # written while the next iteration trains
 
     def cleanup(self) -> None:
-        """Bounded: stops the tracker's thread, the averager, the DHT node and its p2pd daemon."""
+        """Bounded: finishes the checkpoint being written, stops the tracker's thread, the averager, the DHT
+        node and its p2pd daemon."""
         timeout = self.config.swarm.shutdown_timeout
+        if self.state is not None:
+            self.state.close()
         self.scalars.close()
         if self.tracker is not None:
             self.tracker.close(timeout)
@@ -166,3 +191,23 @@ class SwarmPeer:
             self.averager.shutdown(stop_dht=False)
         if self.dht is not None:
             stop_dht(self.dht, grace_s=timeout)
+
+
+def _resolved(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _in_daemon_thread(work: Callable[[], Any]) -> Future:
+    """`work()` in a daemon thread: it only reads, so a stopping peer never waits for it."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as e:  # handed to whoever waits for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="dev-evaluation", daemon=True).start()
+    return future

@@ -35,6 +35,7 @@ class CentralizedPeer(SwarmPeer):
     def train(self) -> dict[str, torch.Tensor]:
         while self.iteration < self.config.iterations:
             self.run_iteration()
+        self.state.wait_for_checkpoint()  # θ_N is on disk before the peer says it is done
         self.tracker.update(phase=Phase.DONE, iteration=self.iteration)
         log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
         return self.state.base
@@ -88,6 +89,7 @@ class CentralizedPeer(SwarmPeer):
             go = self._wait_for_assignment(i, "group")
             if self.name in go["group"]:
                 record = self._fuse_with_repository(contribution)
+            self._record_dev_accuracy(i)
         # θ_{i+1} comes from the Repository at the start of the next iteration, for every peer alike.
         self.state.iteration = i + 1
         if self.iteration == self.config.iterations:

@@ -85,6 +85,7 @@ class DecentralizedPeer(SwarmPeer):
         while self.iteration < self.config.iterations:
             self.run_iteration()
         self._converge()
+        self.state.wait_for_checkpoint()  # θ_N is on disk before the peer says it is done
         self.tracker.update(phase=Phase.DONE, iteration=self.iteration)
         log.info("peer %s done at iteration %d", self.peer_id, self.iteration)
         self._serve_final_state()
@@ -93,8 +94,10 @@ class DecentralizedPeer(SwarmPeer):
     def run_iteration(self) -> None:
         if self._converge():
             return
+        trained = self.iteration
         contribution = self._finetune()
         self._boundary(contribution)
+        self._record_dev_accuracy(trained)
 
     def _converge(self) -> bool:
         """Before finetuning (and at the end of the run): adopt the swarm's base when decide_start says
