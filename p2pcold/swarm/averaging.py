@@ -223,17 +223,19 @@ class _SwarmAverager(DecentralizedAverager):
             async for response in super().rpc_download_state(request, context):
                 yield response
 
-    def set_group(self, group_bits: str, target_size: int | None) -> MPFuture:
-        """The group key bits and the group size at which a leader assembles at once, for the next step."""
+    def set_group(self, group_bits: str, target_size: int | None, min_size: int) -> MPFuture:
+        """For the next step: the group key bits, the group size at which a leader assembles at once, and
+        the smallest group it assembles when its wait is over."""
         future = MPFuture()
-        self._outer_pipe.send(("_set_group", [], dict(group_bits=group_bits, target_size=target_size, future=future)))
+        self._outer_pipe.send(("_set_group", [], dict(group_bits=group_bits, target_size=target_size, min_size=min_size, future=future)))
         return future
 
-    async def _set_group(self, group_bits: str, target_size: int | None, future: MPFuture) -> None:
+    async def _set_group(self, group_bits: str, target_size: int | None, min_size: int, future: MPFuture) -> None:
         try:
             matchmaking = self._matchmaking
             matchmaking.group_key_manager.group_bits = group_bits
             matchmaking.target_group_size = matchmaking.potential_leaders.target_group_size = target_size
+            matchmaking.min_group_size = min_size
             future.set_result(None)
         except Exception as e:
             if not future.done():
@@ -676,9 +678,12 @@ class BodyAverager:
             raise P2PColdError("swarm: the averager process is not running (shut down or crashed)")
         if not self._write_tensors(body, end - time.monotonic()):
             return False, "the averaged tensors stayed locked by a previous all-reduce"
-        target_size = self.config.target_group_size if cell_size is None else cell_size
+        # a Moshpit cell assembles once all its members are in; a partial grid's cell may be smaller than min_group_size
+        target_size, min_size = self.config.target_group_size, self.config.min_group_size
+        if cell_size is not None:
+            target_size, min_size = cell_size, min(min_size, cell_size)
         try:
-            self._averager.set_group(bits, target_size).result(timeout=self.config.local_rpc_timeout)
+            self._averager.set_group(bits, target_size, min_size).result(timeout=self.config.local_rpc_timeout)
         except TimeoutError:
             return False, f"the averager process did not answer within {self.config.local_rpc_timeout:.0f} s"
         remaining = end - time.monotonic()
