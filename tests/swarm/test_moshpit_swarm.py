@@ -1,5 +1,6 @@
 """Moshpit rounds on 127.0.0.1: 16 real peers (15 in this process's DHT and averager processes, one a
-worker process) fuse in groups of 4, and then again with one of them killed inside round 0."""
+worker process; one of them a client-mode member, which never reduces) fuse in groups of 4, and then
+again with one of them killed inside round 0."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 PEERS, GROUP = 16, 4
 SHAPES = {"layer.weight": (40, 60), "layer.bias": (600,)}  # 3,000 values: one part per group
 NAMES = [f"ds{k:02d}" for k in range(PEERS)]  # the victim, a worker process, is NAMES[-1]
-DEADLINE = 40.0
+CLIENT = 5  # NAMES[CLIENT] is a client-mode member (behind a NAT: it neither leads nor reduces)
+DEADLINE = 30.0
 MEAN = {"rule": "mean"}
 
 
@@ -51,7 +53,11 @@ class MoshpitSwarm:
             swarm.dhts.extend(dhts[1:])
             template = seeded_body(0)
             aggregation = AggregationConfig(**MEAN)
-            self.averagers = list(pool.map(lambda dht: swarm.averager(dht, "moshpit", template, self.config, aggregation=aggregation), dhts))
+            modes = [k == CLIENT for k in range(PEERS - 1)]
+            self.averagers = list(
+                pool.map(lambda dht, client: swarm.averager(dht, "moshpit", template, self.config, aggregation=aggregation, client_mode=client), dhts, modes)
+            )
+        assert self.averagers[CLIENT].client_mode and not self.averagers[0].client_mode
         options = dict(
             initial_peers=visible_maddrs(first), run_id="moshpit", config={**FAST, "target_group_size": GROUP},
             template={name: list(shape) for name, shape in SHAPES.items()}, aggregation=MEAN,
