@@ -23,16 +23,16 @@ def run_with_repository(swarm, tmp_path, config, recipes) -> list[str]:
     return list(peers)
 
 
-def assert_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir, peers: int, fused_line: str, **fields) -> None:
+def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model_dir, peers: int, fused_line: str, **fields) -> None:
     """`peers` decentralized peers (one recipe each) run to the end; each logs `fused_line`, and all end
     with the reference run's body."""
     recipes = toy_recipes(tmp_path, peers)
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, **fields)
-    maddr = swarm.bootstrap(config)
-    procs = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr) for i, recipe in enumerate(recipes)}
+    maddr = processes.bootstrap(config)
+    procs = {f"peer{i}": processes.peer(f"peer{i}", config, recipe, maddr) for i, recipe in enumerate(recipes)}
     for name, proc in procs.items():
-        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
-        assert fused_line in swarm.log(name)
+        assert processes.wait(proc, name, timeout=240) == 0, processes.log(name)[-3000:]
+        assert fused_line in processes.log(name)
 
     bodies = [final_body(tmp_path / name) for name in procs]
     for body in bodies[1:]:
