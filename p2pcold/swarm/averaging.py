@@ -617,7 +617,10 @@ class BodyAverager:
             folded = [[m.peer_id, m.weight, m.metadata] for m in members.values()]
             round_gather = {**gather, "weight": current_weight, "round": group.index, "folded": folded}
             bits = round_group_bits(iteration_group_bits(iteration), plan, group.index)
-            result = self._fuse_group(current, iteration, bits, current_weight, round_gather, round_end, abort, cell_size=len(group.members))
+            # once this peer fused in a round, others that finish their last round before it are the rounds'
+            # normal course, not a swarm that left the boundary: `abort` is for a peer that fused nowhere yet
+            round_abort = None if fused else abort
+            result = self._fuse_group(current, iteration, bits, current_weight, round_gather, round_end, round_abort, cell_size=len(group.members))
             attempts += result.attempts
             outcomes.append(result.status.value)
             if result.ok:
