@@ -88,3 +88,17 @@ def test_refuses_what_it_cannot_plan():
         plan_rounds(["a", "a", "b"], "a", 2)
     with pytest.raises(ValueError):
         plan_rounds([str(k) for k in range(2**MAX_ROUNDS + 1)], "0", 2)
+
+
+def test_the_members_of_a_round_are_everyone_its_members_had_folded_in_and_malformed_entries_are_dropped():
+    from p2pcold.swarm.averaging import GroupMember, _contributors
+
+    direct = {"A": GroupMember("A", 2.0, {"dataset": "a"}), "C": GroupMember("C", 2.0, {"dataset": "c"})}  # weights of round 1
+    gathered = {
+        "A": {"folded": [["A", 1.0, {"dataset": "a"}], ["B", 1.0, {"dataset": "b"}]]},
+        "C": {"folded": [["C", 1.0, {"dataset": "c"}], ["D", 1.0, {"dataset": "d"}], ["E"], [3, 1.0, {}], ["F", "x", {}], "junk"]},
+    }
+    members = _contributors(gathered, direct)
+    assert sorted(members) == ["A", "B", "C", "D"]
+    assert {peer: m.weight for peer, m in members.items()} == {"A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0}  # their own weights
+    assert _contributors({"A": {}, "C": {}}, direct) == direct  # one group: its members
