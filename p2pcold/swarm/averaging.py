@@ -650,13 +650,19 @@ class BodyAverager:
 
     def _fuse_group(self, body, iteration, bits, weight, gather, end, abort, cell_size: int | None = None) -> FusionResult:
         """Fuse with the group under `bits` until `end`, retrying a failed group with the same body.
-        `cell_size`: a Moshpit cell's members; its leader waits up to half the time left for all of them
-        (rather than one matchmaking window), and assembles as soon as they are there."""
+
+        `cell_size`: a Moshpit cell's members. For the first half of the time left only the whole cell
+        assembles: a smaller group would be a split cell (two leaders, each with part of the members,
+        both fusing a partial mean) as often as a cell with a lost member. After that, whoever of the
+        cell is there (at least min_group_size) fuses."""
         attempts, status, reason = 0, FusionStatus.NO_GROUP, "no other peer at this iteration before the deadline"
+        whole_cell_until = None if cell_size is None else time.monotonic() + (end - time.monotonic()) / 2
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:
             attempts += 1
-            outcome = self._attempt(body, iteration, bits, weight, gather, end, abort, cell_size)
+            whole_cell = whole_cell_until is not None and whole_cell_until - time.monotonic() > self.config.matchmaking_time + 0.1
+            group = None if cell_size is None else (cell_size, cell_size if whole_cell else min(self.config.min_group_size, cell_size))
+            outcome = self._attempt(body, iteration, bits, weight, gather, whole_cell_until if whole_cell else end, abort, group)
             if isinstance(outcome, FusionResult):
                 outcome.attempts = attempts
                 return outcome
@@ -666,6 +672,8 @@ class BodyAverager:
                 status = FusionStatus.ABORTED
                 break
             if not began_allreduce and "could not find a group" in message:
+                if whole_cell:
+                    continue  # not all of the cell came: from now on the members that did will do
                 break  # the step already waited for a group until the (retry) deadline
             if began_allreduce:
                 # Every member of the group saw this failure too (the verdicts): they all retry with
@@ -675,16 +683,14 @@ class BodyAverager:
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
         return FusionResult(status=status, iteration=iteration, averaged=None, attempts=attempts, reason=reason)
 
-    def _attempt(self, body, iteration, bits, weight, gather, end, abort=None, cell_size=None) -> FusionResult | tuple[bool, str]:
-        """One matchmaking + all-reduce round: a FusionResult on success, else (began_allreduce, reason)."""
+    def _attempt(self, body, iteration, bits, weight, gather, end, abort=None, group=None) -> FusionResult | tuple[bool, str]:
+        """One matchmaking + all-reduce round: a FusionResult on success, else (began_allreduce, reason).
+        `group`: (target, minimum) group size of a Moshpit cell; None: the config's."""
         if not self._averager.is_alive():
             raise P2PColdError("swarm: the averager process is not running (shut down or crashed)")
         if not self._write_tensors(body, end - time.monotonic()):
             return False, "the averaged tensors stayed locked by a previous all-reduce"
-        # a Moshpit cell assembles once all its members are in; a partial grid's cell may be smaller than min_group_size
-        target_size, min_size = self.config.target_group_size, self.config.min_group_size
-        if cell_size is not None:
-            target_size, min_size = cell_size, min(min_size, cell_size)
+        target_size, min_size = (self.config.target_group_size, self.config.min_group_size) if group is None else group
         try:
             self._averager.set_group(bits, target_size, min_size).result(timeout=self.config.local_rpc_timeout)
         except TimeoutError:
@@ -692,11 +698,7 @@ class BodyAverager:
         remaining = end - time.monotonic()
         if remaining <= self.config.matchmaking_time + 0.05:  # hivemind asserts scheduled time < deadline
             return False, "could not find a group before the deadline"
-        # a cell's leader waits for its members still in the previous round (they arrive seconds apart)
-        wait_s = self.config.matchmaking_time if cell_size is None else max(self.config.matchmaking_time, remaining / 2)
-        control = self._averager.step(
-            gather=gather, weight=weight, timeout=remaining, scheduled_time=get_dht_time() + wait_s, allow_retries=False, wait=False
-        )
+        control = self._averager.step(gather=gather, weight=weight, timeout=remaining, allow_retries=False, wait=False)
         bound = remaining + group_step_timeout_s(self.config) + self.config.local_rpc_timeout
         give_up = time.monotonic() + bound
         try:
