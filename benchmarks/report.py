@@ -408,19 +408,24 @@ def scaling(results: dict) -> str:
     out += [
         "",
         "Projection to volunteer swarms, each peer on its own machine and link. Flat: one all-reduce of all P peers "
-        "(a peer sends and receives 2 (P−1)/P × payload; t = a + B / min(link, c)). Moshpit: d rounds in groups of g "
-        "(2 (g−1)/g × payload per round; t = d × (a + B / min(link, c))). a and c from the fit above.",
+        "(a peer sends and receives 2 (P−1)/P × payload; t = a + B / min(link, c)). Moshpit: p2pcold's rounds "
+        "(`target_group_size` = g < P), d rounds in groups of g (2 (g−1)/g × payload per round; "
+        "t = d × (a + B / min(link, c))), with g = ⌈√P⌉ (2 rounds) and with g = 4. a and c from the fit above.",
         "",
         _table(
             ["peers", "body", "compression", "flat: MB per peer"]
             + [f"flat at {l} (s)" for l in links]
             + ["g × d", "Moshpit: MB per peer per round"]
-            + [f"Moshpit at {l} (s)" for l in links],
+            + [f"Moshpit at {l} (s)" for l in links]
+            + ["g = 4: d"]
+            + [f"g = 4 at {l} (s)" for l in links],
             [
                 [row["peers"], row["size"], row["compression"], fmt(row["flat_mb"], 0)]
                 + [fmt(row["flat"][l], 1) for l in links]
                 + [f"{row['group']} × {row['rounds']}", fmt(row["mb_per_round"], 0)]
                 + [fmt(row["moshpit"][l], 1) for l in links]
+                + [row.get("small_rounds", "–")]
+                + [fmt(row["moshpit_small"][l], 1) if "moshpit_small" in row else "–" for l in links]
                 for row in proj
             ],
         ),

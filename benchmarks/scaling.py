@@ -10,23 +10,24 @@ moving the bytes through p2pd). a and c are fitted by least squares to the p2pco
 plain t = a + B / thr fit is reported beside it for comparison.
 
 Projected (volunteers, one machine and one link each), two ways to average P peers:
-* flat: one all-reduce of all P (p2pcold today: one fuse per boundary, target_group_size >= P);
+* flat: one all-reduce of all P (target_group_size >= P: one group per boundary);
   a peer moves B = 2 (P-1)/P x payload each way, t = a + B / min(link bandwidth, c);
-* Moshpit-style: d = ceil(log_g P) rounds in groups of g (a different grouping each round; p2pcold
-  does not do this yet: its group key is the iteration alone, so with target_group_size = g < P the
-  peers of one boundary would split into P/g groups holding P/g different averages);
-  t = d x (a + B_g / min(link bandwidth, c)), B_g = 2 (g-1)/g x payload.
+* Moshpit rounds (p2pcold's, target_group_size = g < P; docs/protocol.md): d = ceil(log_g P) rounds
+  in groups of g, each a full all-reduce of its cell with the same per-round latency a (a full cell
+  assembles as soon as its members are in); t = d x (a + B_g / min(link bandwidth, c)),
+  B_g = 2 (g-1)/g x payload. Two groupings: g = ceil(sqrt(P)) (2 rounds) and g = 4 (the tested one).
 With pipelining a peer's own core (rate c, fitted above) caps a fast link.
 """
 
 from __future__ import annotations
 
-import math
+from p2pcold.swarm.moshpit import rounds_needed
 
 PAYLOADS = {"minilm": 22_713_216, "roberta-base": 124_644_864}  # fused float parameters
 BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0}  # 8bit: plus a 1 KiB codebook per 512 KiB part
 LINKS = {"100 Mbit/s": 100e6 / 8, "1 Gbit/s": 1e9 / 8}
 SWARMS = [(64, 8), (128, 12), (256, 16), (512, 23), (1024, 32)]  # (peers, group size g = ceil(sqrt(P)): 2 Moshpit rounds)
+SMALL_GROUP = 4  # the other grouping: more rounds of small groups (the size tests/swarm/test_moshpit_swarm.py runs)
 
 
 def sent_bytes(peers: int, payload_bytes: float) -> float:
@@ -71,18 +72,19 @@ def fit(rows: list[dict], variant: str = "p2pcold-none", cores: int = 2) -> dict
 
 
 def project(model: dict) -> list[dict]:
-    """Per swarm size, body and compression: (1) one flat group of all P peers (what p2pcold does
-    today when target_group_size is unset or >= P: one all-reduce per boundary); (2) Moshpit-style
-    d rounds in groups of g. Latency `a` is the fitted one, measured with <= 8 peers; it will grow
-    with a flat group's size (P - 1 connections per peer, a leader admitting P - 1 followers)."""
+    """Per swarm size, body and compression: (1) one flat group of all P peers (target_group_size
+    unset or >= P: one all-reduce per boundary); (2) Moshpit rounds in groups of g = ceil(sqrt(P)),
+    (3) and of 4. Latency `a` is the fitted one, measured with <= 8 peers; it will grow with a flat
+    group's size (P - 1 connections per peer, a leader admitting P - 1 followers), not a round's."""
     a, c = max(model["latency_s"], 0.0), model["core_bytes_per_s"]
     rows = []
     for peers, group in SWARMS:
-        rounds = math.ceil(math.log(peers) / math.log(group) - 1e-9)
+        rounds, small_rounds = rounds_needed(peers, group), rounds_needed(peers, SMALL_GROUP)
         for size, params in PAYLOADS.items():
             for compression, bpv in BYTES_PER_VALUE.items():
                 flat = sent_bytes(peers, params * bpv)
                 per_round = sent_bytes(group, params * bpv)
+                per_small_round = sent_bytes(SMALL_GROUP, params * bpv)
                 row = {
                     "peers": peers,
                     "group": group,
@@ -91,12 +93,15 @@ def project(model: dict) -> list[dict]:
                     "compression": compression,
                     "flat_mb": flat / 1e6,
                     "mb_per_round": per_round / 1e6,
+                    "small_rounds": small_rounds,
                     "flat": {},
                     "moshpit": {},
+                    "moshpit_small": {},
                 }
                 for link, bandwidth in LINKS.items():
                     row["flat"][link] = a + flat / min(bandwidth, c)
                     row["moshpit"][link] = rounds * (a + per_round / min(bandwidth, c))
+                    row["moshpit_small"][link] = small_rounds * (a + per_small_round / min(bandwidth, c))
                 rows.append(row)
     return rows
 

@@ -520,7 +520,8 @@ class SwarmConfig(_Section):
     # docs/protocol-primitives.md). State downloads are always sent uncompressed.
     compression: Literal["none", "fp16", "8bit"] = "none"
     # A group assembles as soon as it has this many peers (None: no cap; it assembles when the leader's
-    # `matchmaking_time` runs out). Set it to the number of peers you expect at a boundary.
+    # `matchmaking_time` runs out). Below the number of peers at a boundary, the decentralized peers fuse
+    # in Moshpit rounds of groups this size (ceil(log_g n) rounds; docs/protocol.md).
     target_group_size: GroupSize | None = None
     # Smaller groups are disbanded and matchmaking retried until the boundary deadline. Set it to the
     # number of expected peers to wait for all of them (the caller then falls back when one is missing).

@@ -28,6 +28,7 @@ from p2pcold.swarm import (
 )
 from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import duplicate_dataset_peers
+from p2pcold.swarm.moshpit import MoshpitPlan
 from p2pcold.swarm.reachability import Mode, join_swarm
 from p2pcold.swarm.validation import run_record_validators
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
@@ -157,12 +158,12 @@ class SwarmPeer:
     def _weight(self, contribution: Contribution) -> float:
         return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
 
-    def _fuse(self, contribution: Contribution, deadline_s: float, abort=None) -> FusionResult:
+    def _fuse(self, contribution: Contribution, deadline_s: float, abort=None, plan: MoshpitPlan | None = None) -> FusionResult:
         self.tracker.update(phase=Phase.AVERAGING)
         metadata = {"dataset": self.name, "examples": contribution.result.examples}
         # share_result=False: the caller decides what this peer serves, and under which iteration.
         body = self.state.contribution(contribution.body, self.name)  # the merge method's part at the contributor
-        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort)
+        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort, plan=plan)
 
     def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
         """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""

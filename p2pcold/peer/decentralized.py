@@ -7,7 +7,8 @@ each iteration i:
         boundary left it with its own update while another peer of iteration i fused (boundary.decide_start)
     finetune θ_i on the local dataset (the same `Contributor` the reference run uses)
     at the boundary, until `boundary_deadline`, follow boundary.decide: wait for the peers still on
-        their way, all-reduce with the peers at i (retried with the same bodies after a failure),
+        their way, all-reduce with the peers at i (retried with the same bodies after a failure; in
+        Moshpit rounds of `target_group_size` when they are more than that),
         adopt the swarm's newer base, or keep its own update (recorded: last_fusion failed / solo)
     θ_{i+1}: checkpoint (with what the boundary produced), serve it to late joiners
 at the end: adopt a fused final base if this peer's last boundary did not fuse, then keep serving
@@ -25,6 +26,7 @@ from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, peers_behind, stragglers, swarm_is_ahead, watchers_behind
+from p2pcold.swarm.moshpit import MoshpitPlan, plan_rounds
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
 from p2pcold.utils import state_dict_hash
 
@@ -155,11 +157,13 @@ class DecentralizedPeer(SwarmPeer):
                     log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
                     warned = True
                     self.stragglers = stragglers(self.stragglers, decision.not_waited_for, peers)
-                fused = self._fuse(contribution, end - time.monotonic(), abort=abort)
+                plan = self._moshpit_plan(decision.partners)
+                fused = self._fuse(contribution, end - time.monotonic(), abort=abort, plan=plan)
                 attempts += fused.attempts
                 if fused.ok:
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
-                    log.info("iteration %d: fused with a group of %d (%s)", i, fused.group_size, ", ".join(members))
+                    rounds = f" in rounds {'/'.join(fused.rounds)}" if fused.rounds else ""
+                    log.info("iteration %d: fused with a group of %d%s (%s)", i, fused.group_size, rounds, ", ".join(members))
                     self.last_group = set(fused.members) - {self.peer_id}
                     base = self.state.step(fused.averaged, fused.group_size)
                     self._finish_boundary(base, fusion_record(FusionOutcome.OK.value, members, attempts, None), fused.group_size, started, sorted(fused.members))
@@ -177,6 +181,15 @@ class DecentralizedPeer(SwarmPeer):
             own = self.state.step(self.state.contribution(contribution.body, self.name), 1)  # a group of one
             self._finish_boundary(own, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
             return
+
+    def _moshpit_plan(self, partners: tuple[str, ...]) -> MoshpitPlan | None:
+        """Moshpit rounds when the boundary's members (datasets: unique per peer, so every member sorts
+        the same list) outnumber one group of `target_group_size`; None: one group of everyone."""
+        group_size = self.config.swarm.target_group_size
+        members = sorted({*partners, self.name})
+        if group_size is None or len(members) <= group_size:
+            return None
+        return plan_rounds(members, self.name, group_size)
 
     def _finish_boundary(self, base: dict[str, torch.Tensor], record: dict, group_size: int, started: float, group_peers: list[str] = ()) -> None:
         """θ_{i+1} = `base`: published with what the boundary produced, checkpointed, and served when fused

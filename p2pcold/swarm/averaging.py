@@ -24,6 +24,9 @@ needs on top of it:
 * **Robust reducers** (`robust_reduce`): each reducer fuses its parts with the run's AggregationConfig
   rather than hivemind's mean of declared weights; a contribution holding NaN is left out (the same on
   every reducer, so not a partial result), not a reason for the all-reduce to fail.
+* **Moshpit rounds** (`fuse(..., plan=)`, `moshpit.py`): a boundary with more peers than one group
+  fuses in d rounds of small groups, each cell of the grid under its own group bits; every round is
+  weighted by what the previous one fused, so a full grid ends with the weighted global mean.
 * **State sharing for late joiners** (`set_shared_state` / `download_state`), with the iteration as
   hivemind's `state_sharing_priority`, so the newest donor is asked first.
 * **Members only, in a private swarm** (`secret`): the averager publishes this peer's member tag and
@@ -66,6 +69,7 @@ from p2pcold.swarm import _procs
 from p2pcold.swarm import dht as swarm_dht
 from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
 from p2pcold.swarm.identity import body_schema_hash
+from p2pcold.swarm.moshpit import MoshpitPlan, round_group_bits
 from p2pcold.swarm.robust_reduce import RobustAllReduceRunner, part_size_bytes
 from p2pcold.swarm.records import owner_peer_id, record_owner
 from p2pcold.swarm.state_check import StateCheck
@@ -134,6 +138,7 @@ class FusionResult:
     attempts: int = 0  # all-reduce attempts (matchmaking rounds) made
     elapsed_s: float = 0.0
     reason: str = ""  # why it is not OK (last failure), for logs
+    rounds: list[str] = field(default_factory=list)  # Moshpit rounds: each round's status, or "alone" (a cell of one)
 
     @property
     def ok(self) -> bool:
@@ -217,6 +222,24 @@ class _SwarmAverager(DecentralizedAverager):
         if await self._admits(context, "a state download"):
             async for response in super().rpc_download_state(request, context):
                 yield response
+
+    def set_group(self, group_bits: str, target_size: int | None, min_size: int) -> MPFuture:
+        """For the next step: the group key bits, the group size at which a leader assembles at once, and
+        the smallest group it assembles when its wait is over."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_group", [], dict(group_bits=group_bits, target_size=target_size, min_size=min_size, future=future)))
+        return future
+
+    async def _set_group(self, group_bits: str, target_size: int | None, min_size: int, future: MPFuture) -> None:
+        try:
+            matchmaking = self._matchmaking
+            matchmaking.group_key_manager.group_bits = group_bits
+            matchmaking.target_group_size = matchmaking.potential_leaders.target_group_size = target_size
+            matchmaking.min_group_size = min_size
+            future.set_result(None)
+        except Exception as e:
+            if not future.done():
+                future.set_exception(e)
 
     def read_member_tags(self) -> None:
         """Have the averager process read the member tags now, without waiting: called as a boundary
@@ -368,6 +391,21 @@ class _SwarmAverager(DecentralizedAverager):
         return verdicts
 
 
+def _contributors(gathered: Mapping, direct: dict[str, GroupMember]) -> dict[str, GroupMember]:
+    """Everyone whose body a group's result holds: its members, and in Moshpit rounds whoever each
+    member had folded in before (the "folded" list it gathered: peer id, its own weight, metadata)."""
+    everyone: dict[str, GroupMember] = {}
+    for info in gathered.values():
+        for entry in info.get("folded") or ():
+            if isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], dict):
+                peer, weight, metadata = entry
+                if isinstance(weight, (int, float)):
+                    everyone.setdefault(peer, GroupMember(peer, float(weight), dict(metadata)))
+    for peer, member in direct.items():
+        everyone.setdefault(peer, member)
+    return everyone
+
+
 def verdict_failed(verdict: Any) -> bool:
     """A published verdict that is not a clean one (a malformed verdict counts as a failure)."""
     return verdict is not None and not (isinstance(verdict, dict) and verdict.get("clean") is True)
@@ -509,9 +547,10 @@ class BodyAverager:
         *,
         share_result: bool = True,
         abort: Callable[[], bool] | None = None,
+        plan: MoshpitPlan | None = None,
     ) -> FusionResult:
         """Average `body` with the peers at the same `iteration`; blocks at most about
-        `deadline_s + group_step_timeout_s(config) + local_rpc_timeout` seconds.
+        `deadline_s + group_step_timeout_s(config) + local_rpc_timeout` seconds (per round, with `plan`).
 
         `deadline_s` (default `config.boundary_deadline`) is how long to keep looking for a group;
         it must exceed `config.matchmaking_time`. `weight` >= 0 is this peer's share in the weighted
@@ -524,6 +563,10 @@ class BodyAverager:
         looking for a group (never once an all-reduce began); when it returns True the search is
         cancelled and the result is ABORTED. A peer uses it to stop waiting at a boundary that the
         rest of the swarm has already left.
+
+        `plan` (optional, `moshpit.plan_rounds`): a boundary larger than one group fuses in Moshpit
+        rounds (`_fuse_rounds`); without one, or with a single round, everyone at `iteration` meets
+        under one key.
         """
         deadline_s = self.config.boundary_deadline if deadline_s is None else float(deadline_s)
         if deadline_s <= self.config.matchmaking_time:
@@ -543,15 +586,85 @@ class BodyAverager:
         started = time.monotonic()
         end = started + deadline_s
         self._publish_member_tag()
+        if plan is None or plan.single_group:
+            result = self._fuse_group(body, iteration, bits, float(weight), gather, end, abort)
+        else:
+            result = self._fuse_rounds(body, iteration, float(weight), gather, end, abort, plan)
+        result.elapsed_s = time.monotonic() - started
+        if share_result and result.averaged is not None:
+            self.set_shared_state(iteration, result.averaged)
+        return result
+
+    def _fuse_rounds(self, body, iteration, weight, gather, end, abort, plan: MoshpitPlan) -> FusionResult:
+        """Moshpit rounds: round r fuses the body of round r-1 in this peer's cell of round r, weighted by
+        the total weight its previous group fused, so that a full grid ends with the weighted global mean.
+        Each round has an equal share of the time left. A round that finds no group or fails keeps the
+        current body and weight for the next one: a lost member costs its group's round only."""
+        current, current_weight = body, weight
+        members = {self.peer_id: GroupMember(self.peer_id, weight, gather["metadata"])}  # whose bodies `current` holds
+        attempts, outcomes, fused, status, reason = 0, [], False, FusionStatus.NO_GROUP, ""
+        for group in plan.rounds:
+            if len(group.members) < 2:
+                outcomes.append("alone")
+                continue
+            now = time.monotonic()
+            round_end = now + (end - now) / (len(plan.rounds) - group.index)
+            if round_end - now <= self.config.matchmaking_time + 0.1:
+                outcomes.append(FusionStatus.NO_GROUP.value)
+                reason = f"no time left for round {group.index}"
+                continue
+            # "folded": who this member's body already holds, so that the last round knows everyone who fused
+            folded = [[m.peer_id, m.weight, m.metadata] for m in members.values()]
+            round_gather = {**gather, "weight": current_weight, "round": group.index, "folded": folded}
+            bits = round_group_bits(iteration_group_bits(iteration), plan, group.index)
+            # once this peer fused in a round, others that finish their last round before it are the rounds'
+            # normal course, not a swarm that left the boundary: `abort` is for a peer that fused nowhere yet
+            round_abort = None if fused else abort
+            result = self._fuse_group(current, iteration, bits, current_weight, round_gather, round_end, round_abort, cell_size=len(group.members))
+            attempts += result.attempts
+            outcomes.append(result.status.value)
+            if result.ok:
+                current, current_weight, fused = result.averaged, result.total_weight, True
+                members.update(result.members)
+                continue
+            reason = f"round {group.index}: {result.reason}"
+            if result.status is FusionStatus.ABORTED:
+                status = FusionStatus.ABORTED
+                break
+            if result.status is FusionStatus.FAILED:
+                status = FusionStatus.FAILED
+            logger.warning("fusion at iteration %d: %s; the next round goes on with this peer's current body", iteration, reason)
+        if not fused:
+            return FusionResult(status=status, iteration=iteration, averaged=None, attempts=attempts, reason=reason, rounds=outcomes)
+        return FusionResult(
+            status=FusionStatus.OK,
+            iteration=iteration,
+            averaged=dict(current),
+            group_size=len(members),
+            members=members,
+            total_weight=current_weight,
+            attempts=attempts,
+            reason=reason,
+            rounds=outcomes,
+        )
+
+    def _fuse_group(self, body, iteration, bits, weight, gather, end, abort, cell_size: int | None = None) -> FusionResult:
+        """Fuse with the group under `bits` until `end`, retrying a failed group with the same body.
+
+        `cell_size`: a Moshpit cell's members. For the first half of the time left only the whole cell
+        assembles: a smaller group would be a split cell (two leaders, each with part of the members,
+        both fusing a partial mean) as often as a cell with a lost member. After that, whoever of the
+        cell is there (at least min_group_size) fuses."""
         attempts, status, reason = 0, FusionStatus.NO_GROUP, "no other peer at this iteration before the deadline"
+        whole_cell_until = None if cell_size is None else time.monotonic() + (end - time.monotonic()) / 2
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:
             attempts += 1
-            outcome = self._attempt(body, iteration, bits, float(weight), gather, end, abort)
+            whole_cell = whole_cell_until is not None and whole_cell_until - time.monotonic() > self.config.matchmaking_time + 0.1
+            group = None if cell_size is None else (cell_size, cell_size if whole_cell else min(self.config.min_group_size, cell_size))
+            outcome = self._attempt(body, iteration, bits, weight, gather, whole_cell_until if whole_cell else end, abort, group)
             if isinstance(outcome, FusionResult):
-                outcome.attempts, outcome.elapsed_s = attempts, time.monotonic() - started
-                if share_result and outcome.averaged is not None:
-                    self.set_shared_state(iteration, outcome.averaged)
+                outcome.attempts = attempts
                 return outcome
             began_allreduce, message = outcome
             reason = message
@@ -559,6 +672,8 @@ class BodyAverager:
                 status = FusionStatus.ABORTED
                 break
             if not began_allreduce and "could not find a group" in message:
+                if whole_cell:
+                    continue  # not all of the cell came: from now on the members that did will do
                 break  # the step already waited for a group until the (retry) deadline
             if began_allreduce:
                 # Every member of the group saw this failure too (the verdicts): they all retry with
@@ -566,23 +681,18 @@ class BodyAverager:
                 status = FusionStatus.FAILED
             logger.warning("fusion at iteration %d, attempt %d failed: %s; retrying", iteration, attempts, message)
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
-        return FusionResult(
-            status=status,
-            iteration=iteration,
-            averaged=None,
-            attempts=attempts,
-            elapsed_s=time.monotonic() - started,
-            reason=reason,
-        )
+        return FusionResult(status=status, iteration=iteration, averaged=None, attempts=attempts, reason=reason)
 
-    def _attempt(self, body, iteration, bits, weight, gather, end, abort=None) -> FusionResult | tuple[bool, str]:
-        """One matchmaking + all-reduce round: a FusionResult on success, else (began_allreduce, reason)."""
+    def _attempt(self, body, iteration, bits, weight, gather, end, abort=None, group=None) -> FusionResult | tuple[bool, str]:
+        """One matchmaking + all-reduce round: a FusionResult on success, else (began_allreduce, reason).
+        `group`: (target, minimum) group size of a Moshpit cell; None: the config's."""
         if not self._averager.is_alive():
             raise P2PColdError("swarm: the averager process is not running (shut down or crashed)")
         if not self._write_tensors(body, end - time.monotonic()):
             return False, "the averaged tensors stayed locked by a previous all-reduce"
+        target_size, min_size = (self.config.target_group_size, self.config.min_group_size) if group is None else group
         try:
-            self._averager.set_group_bits(bits, wait=False).result(timeout=self.config.local_rpc_timeout)
+            self._averager.set_group(bits, target_size, min_size).result(timeout=self.config.local_rpc_timeout)
         except TimeoutError:
             return False, f"the averager process did not answer within {self.config.local_rpc_timeout:.0f} s"
         remaining = end - time.monotonic()
@@ -620,6 +730,7 @@ class BodyAverager:
                 return True, f"group member {peer} sent malformed metadata or another iteration: {info!r}"
             members[str(peer)] = GroupMember(str(peer), float(info.get("weight", 0.0)), dict(info.get("metadata") or {}))
         total_weight = sum(member.weight for member in members.values())
+        members = _contributors(gathered, members)
         if total_weight <= 0:
             return True, "no member of the group contributed (all weights are 0)"
         averaged = self._read_tensors()

@@ -23,20 +23,36 @@ def run_with_repository(swarm, tmp_path, config, recipes) -> list[str]:
     return list(peers)
 
 
-def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
-    recipes = toy_recipes(tmp_path, 3)
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, swarm={"target_group_size": 3, "min_group_size": 3})
-    maddr = swarm.bootstrap(config)
-    peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr) for i, recipe in enumerate(recipes)}
-    for name, proc in peers.items():
-        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
-        assert "fused with a group of 3" in swarm.log(name)
+def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model_dir, peers: int, fused_line: str, **fields) -> None:
+    """`peers` decentralized peers (one recipe each) run to the end; each logs `fused_line`, and all end
+    with the reference run's body."""
+    recipes = toy_recipes(tmp_path, peers)
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, **fields)
+    maddr = processes.bootstrap(config)
+    procs = {f"peer{i}": processes.peer(f"peer{i}", config, recipe, maddr) for i, recipe in enumerate(recipes)}
+    for name, proc in procs.items():
+        assert processes.wait(proc, name, timeout=240) == 0, processes.log(name)[-3000:]
+        assert fused_line in processes.log(name)
 
-    bodies = [final_body(tmp_path / name) for name in peers]
+    bodies = [final_body(tmp_path / name) for name in procs]
     for body in bodies[1:]:
         # hivemind returns each peer the average as a delta to add to its own part: equal up to rounding
         assert_close(bodies[0], body, atol=1e-6)
     assert_close(bodies[0], reference_body(config))
+
+
+def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
+    swarm_fields = {"target_group_size": 3, "min_group_size": 3}
+    assert_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir, 3, "fused with a group of 3", swarm=swarm_fields)
+
+
+def test_four_peers_in_moshpit_rounds_of_two_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
+    """target_group_size 2 < 4 peers: each boundary is 2 rounds of pairs (a full 2 x 2 grid), which hold
+    the exact mean of all four (the rule is `mean`: the reference would trim a group of 4)."""
+    swarm_fields = {"target_group_size": 2, "min_group_size": 2}
+    assert_decentralized_equal_the_reference_run(
+        swarm, tmp_path, tiny_model_dir, 4, "fused with a group of 4 in rounds ok/ok", iterations=2, aggregation={"rule": "mean"}, swarm=swarm_fields
+    )
 
 
 def test_repository_with_four_peers_and_k2_equals_the_reference_run(swarm, tmp_path, tiny_model_dir):
