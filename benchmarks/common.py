@@ -293,6 +293,17 @@ def save_results(results: dict) -> None:
     RESULTS_PATH.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
+def update_results(sections: dict | None = None, **fields) -> dict:
+    """Merge this run's `sections` (name -> entry) and top-level `fields` into the file as it is now,
+    so that two runs of different sections (or a long one beside a short one) keep each other's
+    results; returns the merged results."""
+    results = load_results()
+    results.setdefault("benchmarks", {}).update(sections or {})
+    results.update(fields)
+    save_results(results)
+    return results
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or value != value:  # None or NaN
         return "–"

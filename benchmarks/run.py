@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     selected = [name for name in ORDER if args.only is None or name in args.only]
-    results = common.load_results()
-    results.setdefault("benchmarks", {})
-    results["machine"] = common.machine_info()
-    load_before = results["machine"].pop("load_average_at_start")
+    machine = common.machine_info()
+    load_before = machine.pop("load_average_at_start")
+    results = common.update_results(machine=machine)
     started = time.perf_counter()
     failures = []
     for name in selected:
@@ -83,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(name)
             entry = {"error": f"{type(e).__name__}: {e}"}
         entry.update(seconds=round(time.perf_counter() - section_started, 1), quick=args.quick, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        results["benchmarks"][name] = entry
-        common.save_results(results)  # after each section: a crash later keeps what was measured
+        results = common.update_results({name: entry})  # after each section: a crash later keeps what was measured
         common.log(f"{name}: {entry['seconds']:.0f} s")
     total = time.perf_counter() - started
     try:
         load_after = round(os.getloadavg()[0], 2)
     except OSError:
         load_after = None
-    results["last_run"] = {
+    last_run = {
         "sections": selected,
         "quick": args.quick,
         "total_s": round(total, 1),
@@ -99,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": load_after,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if selected == ORDER:
-        results["last_full_run"] = results["last_run"]
-    common.save_results(results)
+    results = common.update_results(last_run=last_run, **({"last_full_run": last_run} if selected == ORDER else {}))
     common.log(f"suite: {total:.0f} s ({total / 60:.1f} min) for {', '.join(selected)}")
     if not args.no_docs:
         from benchmarks import report
