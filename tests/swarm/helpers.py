@@ -76,7 +76,7 @@ class Swarm:
         return averager
 
     def close(self) -> None:
-        for averager in self.averagers:
-            averager.shutdown(stop_dht=False)
-        for dht in self.dhts:
-            stop_dht(dht, grace_s=3.0)
+        # in parallel: each stop waits on its own processes, and a 16-peer swarm stopped one by one took 23 s
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda averager: averager.shutdown(stop_dht=False), self.averagers))
+            list(pool.map(lambda dht: stop_dht(dht, grace_s=3.0), self.dhts))
