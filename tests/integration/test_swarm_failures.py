@@ -282,7 +282,7 @@ def test_late_joiner_downloads_the_current_body_and_fuses_with_the_swarm(running
     # compare with the swarm's checkpoint of that iteration at once: peers keep only their last 2
     swarm_body = body_at(wait_for_checkpoint(folder / "a", joined_at, timeout=10))
     processes.wait_for_log("late", rf"starts at iteration {joined_at}\b", timeout=30, proc=late)
-    late_checkpoint = checkpoint_path(folder / "late", joined_at)
+    late_checkpoint = wait_for_checkpoint(folder / "late", joined_at, timeout=20)  # written while it trains on
     assert read_metadata(late_checkpoint).iteration == joined_at
     assert max_diff(body_at(late_checkpoint), swarm_body) <= 1e-6
 
