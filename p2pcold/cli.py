@@ -102,7 +102,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from p2pcold.run_folder import check_output_dir
 
-    flags = {"datasets": "eval.datasets", "unseen": "eval.unseen", "modes": "eval.modes", "few_shot": "eval.few_shot"}
+    flags = {"datasets": "eval.datasets", "unseen": "eval.unseen", "modes": "eval.modes", "few_shot": "eval.few_shot", "seeds": "eval.seeds"}
     run_config = _config_for(args, needs_datasets=False, num_hidden_layers="num_hidden_layers", **flags)
     eval_config = run_config.eval
     if not eval_config.datasets:
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--unseen", nargs="*", help="targets no contributor trained on (splits the table and plot)")
     evaluate.add_argument("--modes", nargs="+", choices=["cold", "frozen"], help="default: both")
     evaluate.add_argument("--few-shot", type=int, help="train on only N examples per target")
+    evaluate.add_argument("--seeds", type=int, help="repeat each evaluation with K seeds (few-shot samples, heads); report mean ± std")
     evaluate.add_argument("--config", help="a run config whose eval section (finetuning budget etc.) to use")
     evaluate.add_argument("--num-hidden-layers", type=int, help="truncate plain pretrained models to N layers")
     evaluate.add_argument("--seed", type=int, default=0)

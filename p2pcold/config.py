@@ -214,6 +214,9 @@ class EvalConfig(_Section):
     unseen: list[Text] = Field(default_factory=list)  # of `datasets`, those no contributor trains on
     modes: Annotated[list[Literal["cold", "frozen"]], Field(min_length=1)] = Field(default_factory=lambda: ["cold", "frozen"])
     few_shot: PositiveInt | None = None  # train the evaluation on only this many examples
+    # Repeat each target's evaluation with this many seeds: each draws its own few-shot sample and
+    # head initialisation, and results carry the mean and the spread over them. 1: one seeded draw.
+    seeds: PositiveInt = 1
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     frozen_epochs: PositiveInt = 20  # head-only training runs over cached features, so it is cheap
     frozen_learning_rate: PositiveFloat = 1e-3  # a lone linear head needs a larger step than 5e-5

@@ -70,42 +70,55 @@ class Evaluator:
             prepare_dataset(load_dataset_spec(name), tokenizer, config.finetune.max_length) for name in config.datasets
         ]
 
-    def _train_split(self, data: PreparedDataset):
+    def _train_split(self, data: PreparedDataset, seed_index: int):
         if self.config.few_shot is None:
             return data.train
-        return few_shot(data.train, self.config.few_shot, derive_seed(self.seed, "few-shot", data.name))
+        return few_shot(data.train, self.config.few_shot, derive_seed(*self._seed_parts(seed_index, "few-shot", data.name)))
+
+    def _seed_parts(self, seed_index: int, *parts: str) -> tuple:
+        """The seed's parts for one draw; seed 0 keeps the parts a single-seed evaluation always
+        used, so `eval.seeds: 1` evaluates exactly as before seeds existed."""
+        return (self.seed, *parts) if seed_index == 0 else (self.seed, *parts, f"seed-{seed_index}")
 
     def _seen(self, name: str) -> bool | None:
         return None if self.seen is None else name in self.seen
 
     def evaluate(self, base: dict[str, torch.Tensor], label: str, iteration: int) -> list[EvalResult]:
+        """One row per target and mode; with `eval.seeds` > 1, the mean over the seeds, with each
+        seed's accuracy. Seed k draws the same few-shot sample and head for every base, so bases
+        are compared on equal terms seed by seed."""
         results = []
         for data in self.targets:
-            train = self._train_split(data)
-            for mode in self.config.modes:
-                acc = self._cold(base, data, train, iteration) if mode == "cold" else self._frozen(base, data, train)
-                results.append(EvalResult(label, iteration, data.name, mode, acc, self._seen(data.name), self.config.few_shot, len(train)))
-                log.info("eval %s iter %d %s %s: accuracy %.4f", label, iteration, data.name, mode, acc)
+            accuracies: dict[str, list[float]] = {mode: [] for mode in self.config.modes}
+            for seed_index in range(self.config.seeds):
+                train = self._train_split(data, seed_index)
+                for mode in self.config.modes:
+                    evaluate_mode = self._cold if mode == "cold" else self._frozen
+                    accuracies[mode].append(evaluate_mode(base, data, train, seed_index))
+            for mode, values in accuracies.items():
+                row = EvalResult.over_seeds(label, iteration, data.name, mode, values, self._seen(data.name), self.config.few_shot, len(train))
+                results.append(row)
+                log.info("eval %s iter %d %s %s: accuracy %s", label, iteration, data.name, mode, row.accuracy_text())
         return results
 
-    def _model(self, base, data: PreparedDataset, purpose: str) -> Classifier:
+    def _model(self, base, data: PreparedDataset, purpose: str, seed_index: int) -> Classifier:
         load_body_state(self.body, base)
-        seed = derive_seed(self.seed, purpose, data.name)
+        seed = derive_seed(*self._seed_parts(seed_index, purpose, data.name))
         head = new_head(hidden_size(self.body), data.num_labels, seed, self.config.finetune.dropout)
         return Classifier(self.body, head, self.config.finetune.pooling).to(self.device)
 
     def _test_loader(self, data: PreparedDataset):
         return make_loader(data.test, self.tokenizer, self.config.finetune.batch_size, shuffle=False, seed=0)
 
-    def _cold(self, base, data: PreparedDataset, train, iteration: int) -> float:
-        model = self._model(base, data, "eval-cold-head")
-        seed = derive_seed(self.seed, "eval-cold", data.name)
+    def _cold(self, base, data: PreparedDataset, train, seed_index: int) -> float:
+        model = self._model(base, data, "eval-cold-head", seed_index)
+        seed = derive_seed(*self._seed_parts(seed_index, "eval-cold", data.name))
         finetune(model, data, self.tokenizer, self.config.finetune, seed, self.device, train_split=train, desc=f"CoLD eval {data.name}")
         return accuracy(model, self._test_loader(data), self.device, self.config.finetune)
 
-    def _frozen(self, base, data: PreparedDataset, train) -> float:
-        model = self._model(base, data, "eval-frozen-head")
-        seed = derive_seed(self.seed, "eval-frozen", data.name)
+    def _frozen(self, base, data: PreparedDataset, train, seed_index: int) -> float:
+        model = self._model(base, data, "eval-frozen-head", seed_index)
+        seed = derive_seed(*self._seed_parts(seed_index, "eval-frozen", data.name))
         return probe_accuracy(model, train, data.test, self.tokenizer, self.config, seed, self.device)
 
 

@@ -17,6 +17,7 @@ OFFLINE = [name for name in RECIPES if load_dataset_spec(name).source.startswith
 
 def test_recipes_exist():
     offline = {"rotten_tomatoes", "tweets_airlines", "tweets_deflategate", "tweets_apple", "tweets_self_driving"}
+    offline |= {"debates_2016_party", "debates_2016_vp_speaker", "debates_2016_presidential_party", "debates_2016_which_debate"}
     assert offline <= set(OFFLINE)
     assert {"sst2", "mnli", "boolq", "tweet_eval_emoji", "trec_fine"} <= set(RECIPES)
 
