@@ -16,8 +16,9 @@ Each fused base gets the run's evaluation. Fusion is `p2pcold.fusion.aggregate`,
 all-reduce reducer applies to its parts (`p2pcold.swarm.robust_reduce`; the swarm-equals-reference tests
 hold them equal), so the accuracy here is the swarm's.
 
-Run alone: python -m benchmarks.run --only robust_accuracy [--quick]   (~15 min on 2 cores; --quick:
-frozen evaluation only, ~6 min)
+Run alone: python -m benchmarks.run --only robust_accuracy [--quick]   (~20 min on 2 quiet cores, over
+an hour under load; --quick: frozen evaluation only). A fused base equal to one already evaluated is
+not evaluated again: the NaN rogue is left out of every block, so that base is the honest-only one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from p2pcold.evaluate import Evaluator
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import aggregate, average
 from p2pcold.model import body_state, load_body, load_tokenizer
+from p2pcold.utils import state_dict_hash
 
 HONEST = ["rotten_tomatoes", "tweets_airlines", "tweets_deflategate", "tweets_self_driving", "debates_2016_party"]
 ROGUE = "rogue"
@@ -76,10 +78,14 @@ def run(quick: bool = False) -> dict:
     variants = {"pretrained (θ0)": theta0, **fused_bases(theta0, bodies, config.aggregation)}
     reference = variants["honest only, mean"]
     evaluator = Evaluator(config.eval, tokenizer, body, config.seed, device, set(HONEST))
-    rows = []
+    rows, evaluated = [], {}  # body hash -> scores: a base equal to one already evaluated (NaN left out) is not evaluated twice
     for label, base in variants.items():
-        results = evaluator.evaluate(base, label, 1)
-        scores = {f"{r.dataset} {r.mode}": r.accuracy for r in results}
+        key = state_dict_hash(base)
+        if key not in evaluated:
+            results = evaluator.evaluate(base, label, 1)
+            evaluated[key] = {f"{r.dataset} {r.mode}": r.accuracy for r in results}
+            targets = {r.dataset: ("seen" if r.seen else "unseen") for r in results}
+        scores = evaluated[key]
         row = {"variant": label, "scores": scores, "mean": statistics.fmean(scores.values()), "distance": distance(base, reference)}
         rows.append(row)
         log(f"robust_accuracy: {label}: mean accuracy {row['mean']:.4f}, max |base - honest mean| {row['distance']:.3g}")
@@ -87,7 +93,7 @@ def run(quick: bool = False) -> dict:
     worst = max(honest - r["mean"] for r in rows if r["variant"].startswith("rogue") and r["variant"].endswith("default rule"))
     return {
         "contributors": HONEST,
-        "targets": {r.dataset: ("seen" if r.seen else "unseen") for r in results},
+        "targets": targets,
         "modes": list(config.eval.modes),
         "few_shot": config.eval.few_shot,
         "rows": rows,

@@ -31,9 +31,10 @@ STALLED = "injected: this reducer stalls past reducer_timeout in group"
 def fail_fuse_at(iteration: int) -> None:
     real_fuse = averaging.BodyAverager.fuse
 
-    def fuse(self, body, at_iteration, weight, deadline_s=None, metadata=None, *, share_result=True, abort=None):
+    def fuse(self, body, at_iteration, weight, deadline_s=None, metadata=None, **options):
         if at_iteration != iteration:
-            return real_fuse(self, body, at_iteration, weight, deadline_s, metadata, share_result=share_result, abort=abort)
+            return real_fuse(self, body, at_iteration, weight, deadline_s, metadata, **options)
+        abort = options.get("abort")
         started = time.monotonic()
         status, reason = averaging.FusionStatus.FAILED, INJECTED
         while time.monotonic() - started < self.config.matchmaking_time:
