@@ -180,11 +180,9 @@ class SwarmPeer:
         return self.state.save_checkpoint(heads, extra, background=self.config.swarm.overlap_boundary)  # written while the next iteration trains
 
     def cleanup(self) -> None:
-        """Bounded: finishes the checkpoint being written, stops the tracker's thread, the averager, the DHT
-        node and its p2pd daemon."""
+        """Bounded: stops the tracker's thread, the averager, the DHT node and its p2pd daemon, then finishes
+        the checkpoint being written (last: a failed write is raised once everything else has stopped)."""
         timeout = self.config.swarm.shutdown_timeout
-        if self.state is not None:
-            self.state.close()
         self.scalars.close()
         if self.tracker is not None:
             self.tracker.close(timeout)
@@ -192,6 +190,8 @@ class SwarmPeer:
             self.averager.shutdown(stop_dht=False)
         if self.dht is not None:
             stop_dht(self.dht, grace_s=timeout)
+        if self.state is not None:
+            self.state.close()
 
 
 def _resolved(value: Any) -> Future:
