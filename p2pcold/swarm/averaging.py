@@ -51,6 +51,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import PeerID
@@ -162,6 +163,14 @@ def group_step_timeout_s(config: SwarmConfig) -> float:
     return config.local_rpc_timeout + verdict_wait_s(config) + config.dht_request_timeout
 
 
+def cancel_step(control: StepControl) -> None:
+    """Cancel a step so that its matchmaking stops. hivemind's `StepControl.cancel()` wakes the averager
+    (its cancel future) before it marks the step cancelled; a step woken in between finds it not
+    cancelled and looks on, under whatever key is current, until its deadline."""
+    MPFuture.cancel(control)  # the shared state first: hivemind's check reads it
+    control.cancel()
+
+
 def verdict_key(prefix: str, group_id: bytes) -> str:
     """The DHT key under which the members of one all-reduce group publish their verdicts."""
     return f"{prefix}.verdict.{group_id.hex()}"
@@ -223,20 +232,34 @@ class _SwarmAverager(DecentralizedAverager):
             async for response in super().rpc_download_state(request, context):
                 yield response
 
-    def set_group(self, group_bits: str, target_size: int | None, min_size: int) -> MPFuture:
+    def set_group(self, group_bits: str, target_size: int | None, min_size: int, settle_s: float) -> MPFuture:
         """For the next step: the group key bits, the group size at which a leader assembles at once, and
-        the smallest group it assembles when its wait is over."""
+        the smallest group it assembles when its wait is over. Resolves to False if a cancelled step's
+        matchmaking was still winding down after `settle_s` (nothing is changed then)."""
         future = MPFuture()
-        self._outer_pipe.send(("_set_group", [], dict(group_bits=group_bits, target_size=target_size, min_size=min_size, future=future)))
+        kwargs = dict(group_bits=group_bits, target_size=target_size, min_size=min_size, settle_s=settle_s, future=future)
+        self._outer_pipe.send(("_set_group", [], kwargs))
         return future
 
-    async def _set_group(self, group_bits: str, target_size: int | None, min_size: int, future: MPFuture) -> None:
+    async def _set_group(self, group_bits: str, target_size: int | None, min_size: int, settle_s: float, future: MPFuture) -> None:
         try:
             matchmaking = self._matchmaking
-            matchmaking.group_key_manager.group_bits = group_bits
-            matchmaking.target_group_size = matchmaking.potential_leaders.target_group_size = target_size
-            matchmaking.min_group_size = min_size
-            future.set_result(None)
+            # A cancelled step's matchmaking winds down in the background and re-declares itself under
+            # the *current* key: switching the key before it ends would offer the old step's gather
+            # (another iteration) to the new group.
+            lock = matchmaking.lock_looking_for_group
+            try:
+                await asyncio.wait_for(lock.acquire(), timeout=settle_s)
+            except asyncio.TimeoutError:
+                future.set_result(False)
+                return
+            try:
+                matchmaking.group_key_manager.group_bits = group_bits
+                matchmaking.target_group_size = matchmaking.potential_leaders.target_group_size = target_size
+                matchmaking.min_group_size = min_size
+            finally:
+                lock.release()
+            future.set_result(True)
         except Exception as e:
             if not future.done():
                 future.set_exception(e)
@@ -691,10 +714,13 @@ class BodyAverager:
         if not self._write_tensors(body, end - time.monotonic()):
             return False, "the averaged tensors stayed locked by a previous all-reduce"
         target_size, min_size = (self.config.target_group_size, self.config.min_group_size) if group is None else group
+        settle_s = max(0.0, min(self.config.local_rpc_timeout / 2, end - time.monotonic()))
         try:
-            self._averager.set_group(bits, target_size, min_size).result(timeout=self.config.local_rpc_timeout)
+            settled = self._averager.set_group(bits, target_size, min_size, settle_s).result(timeout=self.config.local_rpc_timeout)
         except TimeoutError:
             return False, f"the averager process did not answer within {self.config.local_rpc_timeout:.0f} s"
+        if not settled:
+            return False, f"a cancelled step's matchmaking was still running after {settle_s:.1f} s"
         remaining = end - time.monotonic()
         if remaining <= self.config.matchmaking_time + 0.05:  # hivemind asserts scheduled time < deadline
             return False, "could not find a group before the deadline"
@@ -713,10 +739,10 @@ class BodyAverager:
                     if control.done():
                         raise  # the step itself failed with a TimeoutError
                     if time.monotonic() >= give_up:
-                        control.cancel()
+                        cancel_step(control)
                         return control.began_allreduce, f"the averaging step did not finish within {bound:.0f} s"
                     if abort is not None and not control.began_allreduce and abort() and not control.began_allreduce:
-                        control.cancel()
+                        cancel_step(control)
                         return False, _ABORTED
         except (Exception, asyncio.CancelledError) as e:
             # hivemind raises AllreduceException / MatchmakingException / TimeoutError, and CancelledError
