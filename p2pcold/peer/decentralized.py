@@ -25,7 +25,7 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, peers_behind, stragglers, swarm_is_ahead, watchers_behind
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, partners_at, peers_behind, stragglers, swarm_is_ahead, watchers_behind
 from p2pcold.swarm.moshpit import MoshpitPlan, plan_rounds
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
 from p2pcold.utils import state_dict_hash
@@ -136,9 +136,7 @@ class DecentralizedPeer(SwarmPeer):
         last_start = end - (swarm.matchmaking_time + 1)
         wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
         attempts, failure, warned = 0, None, False
-
-        def abort() -> bool:  # stop looking for a group once the swarm has left this boundary
-            return swarm_is_ahead(i, self.tracker.snapshot().peers)
+        view, view_since = (), started  # the partners last decided on, and since when
 
         self.stragglers = stragglers(self.stragglers, (), self.tracker.snapshot().peers)  # forgive those who arrived since
         while True:
@@ -153,11 +151,29 @@ class DecentralizedPeer(SwarmPeer):
                     return
                 decision = Solo(f"{decision.reason}, but nothing newer could be downloaded")
             if isinstance(decision, Fuse):
+                now = time.monotonic()
+                if decision.partners != view:
+                    view, view_since = decision.partners, now
+                if swarm.target_group_size is not None and now - view_since < swarm.matchmaking_time and now < wait_until:
+                    # Groups smaller than the swarm come from a plan of every member: let the records of
+                    # peers that arrived just before this one be read first (one matchmaking window).
+                    self.tracker.wait_for_update(swarm.poll_interval)
+                    continue
                 if decision.not_waited_for and not warned:
                     log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
                     warned = True
                     self.stragglers = stragglers(self.stragglers, decision.not_waited_for, peers)
                 plan = self._moshpit_plan(decision.partners)
+                if plan is not None:
+                    log.info("iteration %d: %d rounds in groups of %d among %s", i, len(plan.rounds), plan.group_size, ", ".join(sorted({*decision.partners, self.name})))
+
+                def abort(plan=plan) -> bool:
+                    """Stop looking for a group once the swarm has left this boundary, or (before a round
+                    fused) once the partners at it would give another plan: another member list is
+                    another grid, whose keys meet none of the others' cells (a record that came late)."""
+                    peers = self.tracker.snapshot().peers
+                    return swarm_is_ahead(i, peers) or self._moshpit_plan(partners_at(i, peers)) != plan
+
                 fused = self._fuse(contribution, end - time.monotonic(), abort=abort, plan=plan)
                 attempts += fused.attempts
                 if fused.ok:

@@ -9,17 +9,20 @@ the total weight its group fused, a full grid (n = g^d) holds the exact weighted
 rounds (Ryabinin et al. 2021, "Moshpit SGD"); a partial grid holds it wherever a member's later
 groups cover every earlier group (docs/protocol.md).
 
-Each (iteration, round, cell) has its own hivemind group bits, so different rounds, cells and
-iterations never meet. One round (g >= n) keeps the single-group key of a boundary: the iteration's
+Each (iteration, grid, round, cell) has its own hivemind group bits, so different rounds, cells and
+iterations never meet, and neither do members whose views of the boundary differ (another member
+list is another grid: its cells would mix partial means). One round (g >= n) keeps the single-group key of a boundary: the iteration's
 bits alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 ROUND_BITS = 4  # group bits that number the round
+GRID_BITS = 16  # group bits that name the grid (a hash of the member list and the group size)
 MAX_ROUNDS = 2**ROUND_BITS  # g=2 covers 65,536 members
 
 
@@ -39,6 +42,7 @@ class MoshpitPlan:
     member: str
     group_size: int  # g: the most members of one cell
     rounds: tuple[RoundGroup, ...]
+    grid: str = ""  # GRID_BITS bits that only the members who planned from the same member list share
 
     @property
     def single_group(self) -> bool:
@@ -86,15 +90,20 @@ def plan_rounds(members: Sequence[str], member: str, group_size: int) -> Moshpit
     for r in range(rounds):
         cell = cell_of(mine, r)
         plan.append(RoundGroup(r, cell, tuple(name for name in names if cell_of(coordinates[name], r) == cell)))
-    return MoshpitPlan(member, group_size, tuple(plan))
+    return MoshpitPlan(member, group_size, tuple(plan), grid_bits(names, group_size))
+
+
+def grid_bits(names: Sequence[str], group_size: int) -> str:
+    digest = hashlib.sha256("\n".join([str(group_size), *names]).encode()).digest()
+    return format(int.from_bytes(digest[:4], "big") >> (32 - GRID_BITS), f"0{GRID_BITS}b")
 
 
 def round_group_bits(iteration_bits: str, plan: MoshpitPlan, round_index: int) -> str:
     """hivemind group bits of `plan`'s round: the iteration's bits, then (with several rounds) the
-    round number and the cell's digits in binary."""
+    grid's bits, the round number and the cell's digits in binary."""
     if plan.single_group:
         return iteration_bits
     digit_bits = max(1, (plan.group_size - 1).bit_length())
     cell = plan.rounds[round_index].cell
-    return iteration_bits + format(round_index, f"0{ROUND_BITS}b") + "".join(format(digit, f"0{digit_bits}b") for digit in cell)
+    return iteration_bits + plan.grid + format(round_index, f"0{ROUND_BITS}b") + "".join(format(digit, f"0{digit_bits}b") for digit in cell)
 

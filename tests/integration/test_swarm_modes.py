@@ -46,12 +46,6 @@ def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny
     assert_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir, 3, "fused with a group of 3", swarm=swarm_fields)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 14): under heavy load peers plan their Moshpit grid from different views of who is at "
-    "the boundary (one adopts a newer base while the others plan with it), cells split and the swarm can end with two "
-    "bodies; seen once in two loaded suite runs",
-)
 def test_four_peers_in_moshpit_rounds_of_two_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
     """target_group_size 2 < 4 peers: each boundary is 2 rounds of pairs (a full 2 x 2 grid), which hold
     the exact mean of all four (the rule is `mean`: the reference would trim a group of 4)."""

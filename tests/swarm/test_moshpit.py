@@ -81,6 +81,16 @@ def test_group_bits_differ_between_rounds_cells_and_iterations_and_agree_within_
     assert round_group_bits(format(8, "032b"), plan, 0) != round_group_bits(ITERATION, plan, 0)
 
 
+def test_members_who_plan_from_different_member_lists_never_share_a_group_key():
+    """A member that sees one peer fewer at the boundary computes another grid: none of its keys may
+    be one of the others' (its cells would fuse partial means with theirs)."""
+    everyone, one_missing = names(5), names(4)
+    full = {round_group_bits(ITERATION, plan_rounds(everyone, m, 2), r) for m in everyone for r in range(3)}
+    short = {round_group_bits(ITERATION, plan_rounds(one_missing, m, 2), r) for m in one_missing for r in range(2)}
+    assert full.isdisjoint(short)
+    assert plan_rounds(everyone, "ds00", 2).grid != plan_rounds(everyone, "ds00", 4).grid
+
+
 def test_refuses_what_it_cannot_plan():
     with pytest.raises(ValueError):
         plan_rounds(["a", "b"], "c", 2)
