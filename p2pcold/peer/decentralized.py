@@ -25,7 +25,7 @@ from p2pcold.finetune import Contribution
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
-from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, partners_at, peers_behind, stragglers, swarm_is_ahead, watchers_behind
+from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, partners_at, peers_behind, stragglers, swarm_is_ahead, view_is_fresh, watchers_behind
 from p2pcold.swarm.moshpit import MoshpitPlan, plan_rounds
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
 from p2pcold.utils import state_dict_hash
@@ -154,9 +154,7 @@ class DecentralizedPeer(SwarmPeer):
                 now = time.monotonic()
                 if decision.partners != view:
                     view, view_since = decision.partners, now
-                if swarm.target_group_size is not None and now - view_since < swarm.matchmaking_time and now < wait_until:
-                    # Groups smaller than the swarm come from a plan of every member: let the records of
-                    # peers that arrived just before this one be read first (one matchmaking window).
+                if swarm.target_group_size is not None and view_is_fresh(view_since, now, swarm.matchmaking_time, wait_until):
                     self.tracker.wait_for_update(swarm.poll_interval)
                     continue
                 if decision.not_waited_for and not warned:

@@ -99,6 +99,13 @@ def partners_at(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ...
     return tuple(sorted(p.dataset for p in peers if p.iteration == iteration and p.phase not in STILL_COMING and p.phase != Phase.DONE))
 
 
+def view_is_fresh(view_since: float, now: float, settle_s: float, wait_until: float) -> bool:
+    """Whether the partners seen at a boundary (unchanged since `view_since`) may still lack the records
+    of peers that arrived just before: worth waiting for, while the boundary's wait lasts, before a
+    plan of groups smaller than the swarm is made from them (another member list is another grid)."""
+    return now - view_since < settle_s and now < wait_until
+
+
 def fused_peers(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ...]:
     """Datasets of the peers holding a base of `iteration` that a group fused (their last boundary was OK)."""
     return tuple(sorted(p.dataset for p in peers if p.iteration == iteration and p.last_fusion == FusionOutcome.OK))

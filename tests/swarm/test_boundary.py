@@ -20,6 +20,7 @@ from p2pcold.swarm.boundary import (
     ready_contributors,
     repository_word,
     stragglers,
+    view_is_fresh,
 )
 from p2pcold.swarm.tracker import newest_per_dataset
 
@@ -113,6 +114,13 @@ def test_a_straggler_is_waited_for_again_once_it_reaches_a_boundary():
     assert missed == {"id-ghost"}
     assert stragglers(missed, (), swarm) == {"id-ghost"}  # still finetuning: still not waited for
     assert stragglers(missed, (), [peer("ghost", 3, "averaging")]) == frozenset()  # it got there: forgiven
+
+
+def test_a_fresh_view_of_the_partners_is_waited_on_for_one_window_within_the_boundarys_wait():
+    # view_is_fresh(view_since, now, settle_s=3, wait_until=10)
+    assert view_is_fresh(5.0, 6.0, 3.0, 10.0)  # seen for 1 s: a record may still be on its way
+    assert not view_is_fresh(5.0, 8.5, 3.0, 10.0)  # unchanged for a whole window: plan
+    assert not view_is_fresh(9.0, 10.5, 3.0, 10.0)  # past the boundary's wait: plan with what is there
 
 
 def test_a_record_ahead_is_worth_a_moment_only_when_it_exists():
