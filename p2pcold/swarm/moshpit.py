@@ -11,8 +11,8 @@ groups cover every earlier group (docs/protocol.md).
 
 Each (iteration, grid, round, cell) has its own hivemind group bits, so different rounds, cells and
 iterations never meet, and neither do members whose views of the boundary differ (another member
-list is another grid: its cells would mix partial means). One round (g >= n) keeps the single-group key of a boundary: the iteration's
-bits alone.
+list is another grid: its cells would mix partial means). One round (g >= n) keeps the single-group
+key of a boundary: the iteration's bits alone.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class MoshpitPlan:
     member: str
     group_size: int  # g: the most members of one cell
     rounds: tuple[RoundGroup, ...]
-    grid: str = ""  # GRID_BITS bits that only the members who planned from the same member list share
+    grid: str  # GRID_BITS bits that only the members who planned from the same member list share
 
     @property
     def single_group(self) -> bool:
@@ -80,7 +80,7 @@ def plan_rounds(members: Sequence[str], member: str, group_size: int) -> Moshpit
     if member not in names:
         raise ValueError(f"{member!r} is not one of the members")
     if len(names) == 1:
-        return MoshpitPlan(member, group_size, (RoundGroup(0, (), (member,)),))
+        return MoshpitPlan(member, group_size, (RoundGroup(0, (), (member,)),), grid_bits(names, group_size))
     rounds = rounds_needed(len(names), group_size)
     if rounds > MAX_ROUNDS:
         raise ValueError(f"{len(names)} members in groups of {group_size} need {rounds} rounds; at most {MAX_ROUNDS}")
@@ -94,6 +94,7 @@ def plan_rounds(members: Sequence[str], member: str, group_size: int) -> Moshpit
 
 
 def grid_bits(names: Sequence[str], group_size: int) -> str:
+    """GRID_BITS bits of a hash of the sorted member list and g: the same for every member that planned alike."""
     digest = hashlib.sha256("\n".join([str(group_size), *names]).encode()).digest()
     return format(int.from_bytes(digest[:4], "big") >> (32 - GRID_BITS), f"0{GRID_BITS}b")
 
