@@ -220,7 +220,7 @@ class EvalConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     frozen_epochs: PositiveInt = 20  # head-only training runs over cached features, so it is cheap
     frozen_learning_rate: PositiveFloat = 1e-3  # a lone linear head needs a larger step than 5e-5
-    every: NonNegativeInt = 1  # evaluate the base every N iterations (0: only at the end)
+    every: NonNegativeInt = 1  # evaluate the fused base every N iterations (0: none between θ0 and the last)
 
 
 class FusionConfig(_Section):

@@ -155,6 +155,12 @@ class DevScorer:
         return probe_accuracy(model, train, dev, self.tokenizer, self.config, derive_seed(self.seed, "backtrack-probe", data.name), self.device)
 
 
+def evaluation_due(iteration: int, every: int, iterations: int) -> bool:
+    """Which bases a run evaluates: θ0 (the baseline every gain is measured against), every
+    `every`-th fused base (0: none in between) and the last one."""
+    return iteration == 0 or iteration == iterations or (every > 0 and iteration % every == 0)
+
+
 def evaluate_and_record(
     evaluator: Evaluator,
     results: Sequence[EvalResult],
@@ -197,9 +203,7 @@ class RunEvaluation:
         return max((r.iteration for r in self.results), default=0)
 
     def is_due(self, iteration: int) -> bool:
-        """Evaluated: every `eval.every` iterations, and the run's last one."""
-        every = self.config.eval.every or self.config.iterations
-        return iteration > self.last_iteration and (iteration % every == 0 or iteration == self.config.iterations)
+        return iteration > self.last_iteration and evaluation_due(iteration, self.config.eval.every, self.config.iterations)
 
     def next_checkpoint(self, source: Path) -> tuple[int, Path] | None:
         """The first complete checkpoint in the run folder `source` that is due for evaluation; None

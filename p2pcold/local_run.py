@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pcold.config import RunConfig, load_dataset_spec
-from p2pcold.evaluate import DevScorer, Evaluator, evaluate_and_record
+from p2pcold.evaluate import DevScorer, Evaluator, evaluate_and_record, evaluation_due
 from p2pcold.finetune import Contributor, resolve_device
 from p2pcold.fusion import aggregate, sample_contributors
 from p2pcold.merging import add_delta, backtrack_rejects, delta
@@ -69,7 +69,7 @@ class LocalRun:
         write_run_config(self.output_dir, self.config)  # started: the folder is this run's from now on
         if self.state.resume() is not None:
             self._resume()
-        elif self.evaluator and config.eval.every:
+        elif self.evaluator:
             self._evaluate("pretrained")
 
     @property
@@ -136,8 +136,7 @@ class LocalRun:
                 "iteration %d %s: loss %.4f dev acc %s, %d examples, %.1f ex/s",
                 i, c.dataset, c.result.train_loss, _fmt(c.result.dev_accuracy), c.result.examples, c.result.examples_per_second,
             )
-        every = self.config.eval.every
-        if self.evaluator and every and (self.iteration % every == 0 or self.iteration == self.config.iterations):
+        if self.evaluator and evaluation_due(self.iteration, self.config.eval.every, self.config.iterations):
             self._evaluate("fused")
         self.save_checkpoint()
 
