@@ -522,9 +522,10 @@ class SwarmConfig(_Section):
     # (Uniform8BitQuantization; pass reference=θ0 to BodyAverager with lossy modes, see
     # docs/protocol-primitives.md). State downloads are always sent uncompressed.
     compression: Literal["none", "fp16", "8bit"] = "none"
-    # A group assembles as soon as it has this many peers (None: no cap; it assembles when the leader's
-    # `matchmaking_time` runs out). Below the number of peers at a boundary, the decentralized peers fuse
-    # in Moshpit rounds of groups this size (ceil(log_g n) rounds; docs/protocol.md).
+    # None: one group of everyone at a boundary, which assembles as soon as the peers the records show
+    # there are all in (else when the leader's `matchmaking_time` runs out). Set below the number of
+    # peers at a boundary, the decentralized peers fuse in Moshpit rounds of groups this size
+    # (ceil(log_g n) rounds; docs/protocol.md), after a settle wait of one matchmaking_time.
     target_group_size: GroupSize | None = None
     # Smaller groups are disbanded and matchmaking retried until the boundary deadline. Set it to the
     # number of expected peers to wait for all of them (the caller then falls back when one is missing).

@@ -114,7 +114,9 @@ class Repository:
         end = time.monotonic() + self.swarm.boundary_deadline
         attempts, fused, got = 0, None, []
         while end - time.monotonic() > self.swarm.matchmaking_time + 1:
-            fused = self.averager.fuse(self.state.base, i, 0.0, end - time.monotonic(), {"dataset": "(repository)"}, share_result=False)
+            fused = self.averager.fuse(
+                self.state.base, i, 0.0, end - time.monotonic(), {"dataset": "(repository)"}, share_result=False, expected_size=len(ready) + 1
+            )  # fmt: skip
             attempts += fused.attempts
             got = contributing_datasets(fused)
             if fused.ok and got == ready:

@@ -20,8 +20,9 @@ class ScriptedAverager:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result):
+    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, expected_size):
         self.calls += 1
+        self.expected_size = expected_size
         return self.outcomes.pop(0) if self.outcomes else failed()
 
 
@@ -53,6 +54,7 @@ def test_a_failed_fusion_is_retried_and_the_retry_is_used():
     record = repo._fuse(0, ["a", "c"], ["a"])
     assert record == {"status": "ok", "members": ["a"], "attempts": 2, "failure": None}
     assert repo.state.base is averaged and repo.averager.calls == 2
+    assert repo.averager.expected_size == 2  # the ready contributor and the Repository: assembled once both are in
     assert repo.tracker.published[0] == {"iteration": 0, "contributors": ["a", "c"], "group": ["a"], "fused": ["a"]}  # the peers stop retrying
 
 

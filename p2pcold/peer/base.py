@@ -158,12 +158,12 @@ class SwarmPeer:
     def _weight(self, contribution: Contribution) -> float:
         return float(contribution.result.examples) if self.config.fusion_weighting == "examples" else 1.0
 
-    def _fuse(self, contribution: Contribution, deadline_s: float, abort=None, plan: MoshpitPlan | None = None) -> FusionResult:
+    def _fuse(self, contribution: Contribution, deadline_s: float, abort=None, plan: MoshpitPlan | None = None, expected_size: int | None = None) -> FusionResult:
         self.tracker.update(phase=Phase.AVERAGING)
         metadata = {"dataset": self.name, "examples": contribution.result.examples}
         # share_result=False: the caller decides what this peer serves, and under which iteration.
         body = self.state.contribution(contribution.body, self.name)  # the merge method's part at the contributor
-        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort, plan=plan)
+        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort, plan=plan, expected_size=expected_size)
 
     def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
         """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""

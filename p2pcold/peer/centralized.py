@@ -88,7 +88,7 @@ class CentralizedPeer(SwarmPeer):
             self.tracker.update(phase=Phase.READY, iteration=i)
             go = self._wait_for_assignment(i, "group")
             if self.name in go["group"]:
-                record = self._fuse_with_repository(contribution)
+                record = self._fuse_with_repository(contribution, group_size=len(go["group"]) + 1)  # with the Repository
             self._record_dev_accuracy(i)
         # θ_{i+1} comes from the Repository at the start of the next iteration, for every peer alike.
         self.state.iteration = i + 1
@@ -100,7 +100,7 @@ class CentralizedPeer(SwarmPeer):
             self.state.base = final[1]
         self.save_checkpoint(record)
 
-    def _fuse_with_repository(self, contribution) -> dict:
+    def _fuse_with_repository(self, contribution, group_size: int) -> dict:
         """All-reduce with the Repository and the other contributors of this iteration, until the
         Repository says it holds θ_{i+1} (its word `fused`) or the deadline passes. An all-reduce can
         fail on the Repository's side only; this peer then joins its retry with the same body (the same
@@ -114,7 +114,7 @@ class CentralizedPeer(SwarmPeer):
             return repository_word(self.tracker.snapshot().assignments, i, "fused") is not None
 
         while not repository_has_it() and end - time.monotonic() > swarm.matchmaking_time + 1:
-            fused = self._fuse(contribution, end - time.monotonic(), abort=repository_has_it)
+            fused = self._fuse(contribution, end - time.monotonic(), abort=repository_has_it, expected_size=group_size)
             attempts += fused.attempts
             if fused.ok:
                 ok = fused

@@ -137,6 +137,10 @@ class DecentralizedPeer(SwarmPeer):
         wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
         attempts, failure, warned = 0, None, False
         view, view_since = (), started  # the partners last decided on, and since when
+        seen: set[str] = set()  # every partner seen at this boundary: one DHT read that misses a record does not shrink the group
+        # A view must hold still this long before the peer plans from it: a Moshpit grid from a partial
+        # member list meets none of the others' cells, while one group only needs a read that missed no one.
+        settle_s = swarm.matchmaking_time if swarm.target_group_size is not None else swarm.poll_interval
 
         self.stragglers = stragglers(self.stragglers, (), self.tracker.snapshot().peers)  # forgive those who arrived since
         while True:
@@ -154,9 +158,10 @@ class DecentralizedPeer(SwarmPeer):
                 now = time.monotonic()
                 if decision.partners != view:
                     view, view_since = decision.partners, now
-                if swarm.target_group_size is not None and view_is_fresh(view_since, now, swarm.matchmaking_time, wait_until):
+                if view_is_fresh(view_since, now, settle_s, wait_until):
                     self.tracker.wait_for_update(swarm.poll_interval)
                     continue
+                seen.update(decision.partners)
                 if decision.not_waited_for and not warned:
                     log.warning("iteration %d: not waiting any longer for %s", i, ", ".join(decision.not_waited_for))
                     warned = True
@@ -172,7 +177,9 @@ class DecentralizedPeer(SwarmPeer):
                     peers = self.tracker.snapshot().peers
                     return swarm_is_ahead(i, peers) or self._moshpit_plan(partners_at(i, peers)) != plan
 
-                fused = self._fuse(contribution, end - time.monotonic(), abort=abort, plan=plan)
+                # one group: it assembles once everyone seen here is in, not when matchmaking_time runs out
+                expected = len(seen) + 1 if plan is None else None
+                fused = self._fuse(contribution, end - time.monotonic(), abort=abort, plan=plan, expected_size=expected)
                 attempts += fused.attempts
                 if fused.ok:
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())

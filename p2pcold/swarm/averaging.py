@@ -571,6 +571,7 @@ class BodyAverager:
         share_result: bool = True,
         abort: Callable[[], bool] | None = None,
         plan: MoshpitPlan | None = None,
+        expected_size: int | None = None,
     ) -> FusionResult:
         """Average `body` with the peers at the same `iteration`; blocks at most about
         `deadline_s + group_step_timeout_s(config) + local_rpc_timeout` seconds (per round, with `plan`).
@@ -590,6 +591,11 @@ class BodyAverager:
         `plan` (optional, `moshpit.plan_rounds`): a boundary larger than one group fuses in Moshpit
         rounds (`_fuse_rounds`); without one, or with a single round, everyone at `iteration` meets
         under one key.
+
+        `expected_size` (optional): the members one group is expected to have, this peer included (the
+        peers a boundary's records show there, the Repository's ready contributors). The group then
+        assembles as soon as they are all in instead of when `matchmaking_time` runs out; with fewer,
+        it still assembles then. Without it (or with a `plan`), config.target_group_size caps a group.
         """
         deadline_s = self.config.boundary_deadline if deadline_s is None else float(deadline_s)
         if deadline_s <= self.config.matchmaking_time:
@@ -610,7 +616,7 @@ class BodyAverager:
         end = started + deadline_s
         self._publish_member_tag()
         if plan is None or plan.single_group:
-            result = self._fuse_group(body, iteration, bits, float(weight), gather, end, abort)
+            result = self._fuse_group(body, iteration, bits, float(weight), gather, end, abort, expected_size=expected_size)
         else:
             result = self._fuse_rounds(body, iteration, float(weight), gather, end, abort, plan)
         result.elapsed_s = time.monotonic() - started
@@ -671,20 +677,25 @@ class BodyAverager:
             rounds=outcomes,
         )
 
-    def _fuse_group(self, body, iteration, bits, weight, gather, end, abort, cell_size: int | None = None) -> FusionResult:
+    def _fuse_group(self, body, iteration, bits, weight, gather, end, abort, cell_size: int | None = None, expected_size: int | None = None) -> FusionResult:
         """Fuse with the group under `bits` until `end`, retrying a failed group with the same body.
 
         `cell_size`: a Moshpit cell's members. For the first half of the time left only the whole cell
         assembles: a smaller group would be a split cell (two leaders, each with part of the members,
         both fusing a partial mean) as often as a cell with a lost member. After that, whoever of the
-        cell is there (at least min_group_size) fuses."""
+        cell is there (at least min_group_size) fuses. `expected_size`: see `fuse`."""
         attempts, status, reason = 0, FusionStatus.NO_GROUP, "no other peer at this iteration before the deadline"
         whole_cell_until = None if cell_size is None else time.monotonic() + (end - time.monotonic()) / 2
         # an attempt needs at least one matchmaking window (hivemind asserts scheduled time < deadline)
         while end - time.monotonic() > self.config.matchmaking_time + 0.1:
             attempts += 1
             whole_cell = whole_cell_until is not None and whole_cell_until - time.monotonic() > self.config.matchmaking_time + 0.1
-            group = None if cell_size is None else (cell_size, cell_size if whole_cell else min(self.config.min_group_size, cell_size))
+            if cell_size is not None:
+                group = (cell_size, cell_size if whole_cell else min(self.config.min_group_size, cell_size))
+            elif expected_size is not None:
+                group = (max(expected_size, self.config.min_group_size), self.config.min_group_size)
+            else:
+                group = None
             outcome = self._attempt(body, iteration, bits, weight, gather, whole_cell_until if whole_cell else end, abort, group)
             if isinstance(outcome, FusionResult):
                 outcome.attempts = attempts

@@ -4,9 +4,11 @@ Usage: python faulty_peer.py FAULT N ARGS...
 
 `split N`: every `BodyAverager.fuse` call at boundary N fails on this peer's side only, without joining
 a group: the "group split in matchmaking" case, where the others form their group without this peer and
-nothing in their all-reduce (no verdict) tells them that this member failed. Each call spends one
-matchmaking window looking, as a real attempt does, and honours the caller's `abort` check like the
-real search for a group. Every other boundary runs the real all-reduce.
+nothing in their all-reduce (no verdict) tells them that this member failed. Each call spends half a
+matchmaking window looking and then fails. It ignores the caller's `abort` check, so that the failure
+is always seen: the others' group, which waits a whole window for this peer before it assembles, could
+otherwise finish first and stop the search before it fails. Every other boundary runs the real
+all-reduce.
 
 `stall-reducer N`: in the first N all-reduce groups this peer's averager process takes part in, its
 reducer answers no sender until the senders' `reducer_timeout` has passed: the other members give up
@@ -34,15 +36,8 @@ def fail_fuse_at(iteration: int) -> None:
     def fuse(self, body, at_iteration, weight, deadline_s=None, metadata=None, **options):
         if at_iteration != iteration:
             return real_fuse(self, body, at_iteration, weight, deadline_s, metadata, **options)
-        abort = options.get("abort")
-        started = time.monotonic()
-        status, reason = averaging.FusionStatus.FAILED, INJECTED
-        while time.monotonic() - started < self.config.matchmaking_time:
-            if abort is not None and abort():
-                status, reason = averaging.FusionStatus.ABORTED, averaging._ABORTED
-                break
-            time.sleep(self.config.poll_interval)
-        return averaging.FusionResult(status, at_iteration, None, attempts=1, elapsed_s=time.monotonic() - started, reason=reason)
+        time.sleep(self.config.matchmaking_time / 2)
+        return averaging.FusionResult(averaging.FusionStatus.FAILED, at_iteration, None, attempts=1, elapsed_s=self.config.matchmaking_time / 2, reason=INJECTED)
 
     averaging.BodyAverager.fuse = fuse
 

@@ -64,7 +64,7 @@ def test_monitor_page_in_chromium_and_tensorboard_logs(swarm, tmp_path, tiny_mod
     try:
         recipes = toy_recipes(tmp_path, 2)
         evaluation = {"datasets": recipes, "finetune": {"batch_size": 8, "max_length": 16, "budget": {"steps": 2}, "num_threads": 1}, "frozen_epochs": 2}
-        config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=2, swarm={"target_group_size": 2}, eval=evaluation)
+        config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=2, eval=evaluation)
         maddr = swarm.bootstrap(config)
         out = tmp_path / "monitor.out"
         logs = tmp_path / "tb"

@@ -59,7 +59,7 @@ def nat(swarm):
 
 def test_nated_peer_fuses_through_the_relay_and_matches_the_reference(swarm, nat, tmp_path, tiny_model_dir):
     recipes = toy_recipes(tmp_path, 3)
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], iterations=2, swarm={"target_group_size": 2, "min_group_size": 2})
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes[:2], iterations=2, swarm={"min_group_size": 2})
     public, home = nat.exec_in(nat.public), nat.exec_in(nat.home)
 
     maddr = swarm.bootstrap(config, "--host", PUBLIC_IP, "--port", str(BOOTSTRAP_PORT), launcher=public)

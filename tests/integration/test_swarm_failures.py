@@ -52,7 +52,7 @@ def test_peer_killed_at_the_boundary_restarts_and_catches_up(swarm, tmp_path, ti
     restart), it downloads their final body. A peer back later than that keeps its own update."""
     recipes = toy_recipes(tmp_path, 3)
     iterations, slow_s = 8, 8  # the restart has 6 boundaries (~70 s) to come back: its imports alone took 56 s under load
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm={"target_group_size": 3, "min_group_size": 2})
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations)
     maddr = swarm.bootstrap(config)
     survivors = {name: swarm.peer(name, config, recipe, maddr, *slow(slow_s)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
     victim = swarm.peer("victim", config, recipes[2], maddr)
@@ -119,7 +119,7 @@ def test_peer_whose_fusion_failed_on_its_side_adopts_the_groups_body(swarm, tmp_
     which here leaves a and b a minute to start (a wait ends as soon as they arrive)."""
     recipes = toy_recipes(tmp_path, 3)
     iterations = 2
-    swarm_fields = {"target_group_size": 3, "min_group_size": 2, "boundary_deadline": 120.0}
+    swarm_fields = {"boundary_deadline": 120.0}
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=iterations, swarm=swarm_fields)
     maddr = swarm.bootstrap(config)
     procs = {"victim": swarm.peer("victim", config, recipes[2], maddr, program=(*FAULTY_PEER, "split", "0"))}
@@ -205,7 +205,7 @@ def running_swarm(tmp_path_factory, tiny_model_dir):
     processes = SwarmProcesses(folder)
     try:
         recipes = toy_recipes(folder, 4)
-        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=100, swarm={"target_group_size": 3, "min_group_size": 2})
+        config = write_run_config(folder, str(tiny_model_dir), recipes, iterations=100)
         maddr = processes.bootstrap(config)
         peers = {name: processes.peer(name, config, recipe, maddr, *slow(3)) for name, recipe in (("a", recipes[0]), ("b", recipes[1]))}
         yield processes, folder, config, maddr, recipes, peers

@@ -16,7 +16,7 @@ def test_decentralized_task_arithmetic_with_an_outer_step_equals_the_reference_r
     """Task arithmetic is the all-reduced mean scaled by λ·k; DARE-free so every body is a plain average."""
     recipes = toy_recipes(tmp_path, 3)
     fusion = {"method": "task_arithmetic", "scale": 0.4, "outer_learning_rate": 0.8}
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, fusion=fusion, swarm={"target_group_size": 3, "min_group_size": 3})
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, fusion=fusion, swarm={"min_group_size": 3})
     maddr = swarm.bootstrap(config)
     peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr) for i, recipe in enumerate(recipes)}
     for name, proc in peers.items():

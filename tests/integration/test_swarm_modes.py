@@ -42,7 +42,7 @@ def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model
 
 
 def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
-    swarm_fields = {"target_group_size": 3, "min_group_size": 3}
+    swarm_fields = {"min_group_size": 3}
     assert_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir, 3, "fused with a group of 3", swarm=swarm_fields)
 
 

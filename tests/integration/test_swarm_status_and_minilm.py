@@ -25,7 +25,7 @@ def run_status(swarm, name, config, maddr, *extra, timeout=90) -> tuple[int, str
 @pytest.mark.timeout(240)
 def test_status_lists_the_running_peers(swarm, tmp_path, tiny_model_dir):
     recipes = toy_recipes(tmp_path, 2)
-    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=2, swarm={"target_group_size": 2})
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, iterations=2)
     maddr = swarm.bootstrap(config)
     slow = ("--set", "finetune.budget.steps=null", "--set", "finetune.budget.seconds=10")
     peers = {name: swarm.peer(name, config, recipe, maddr, *slow) for name, recipe in (("p0", recipes[0]), ("p1", recipes[1]))}
@@ -85,7 +85,6 @@ def test_two_minilm_peers_on_real_data_end_with_the_same_body(swarm, tmp_path):
         num_hidden_layers=2,
         iterations=2,
         finetune={"batch_size": 8, "max_length": 32, "budget": {"steps": 4}, "learning_rate": 5e-5, "num_threads": 1},
-        swarm={"target_group_size": 2},
     )
     maddr = swarm.bootstrap(config)
     peers = {name: swarm.peer(name, config, name, maddr) for name in ("rotten_tomatoes", "tweets_airlines")}

@@ -23,12 +23,12 @@ def weighted_mean(bodies, weights) -> dict[str, torch.Tensor]:
     return {name: sum(w * b[name].double() for w, b in zip(weights, bodies)).div(total).float() for name in bodies[0]}
 
 
-def fuse_all(averagers, bodies, iterations, weights, deadline, metadata=None, wait_s=120.0):
-    """Run fuse() on every averager at once (one thread each); return results in order."""
+def fuse_all(averagers, bodies, iterations, weights, deadline, metadata=None, wait_s=120.0, **options):
+    """Run fuse() on every averager at once (one thread each, `options` passed on); return results in order."""
     metadata = metadata or [{} for _ in averagers]
     with ThreadPoolExecutor(len(averagers)) as pool:
         futures = [
-            pool.submit(averager.fuse, body, iteration, weight, deadline, meta)
+            pool.submit(averager.fuse, body, iteration, weight, deadline, meta, **options)
             for averager, body, iteration, weight, meta in zip(averagers, bodies, iterations, weights, metadata)
         ]
         return [future.result(timeout=wait_s) for future in futures]

@@ -50,6 +50,21 @@ def test_three_peers_fuse_to_the_weighted_average(swarm):
 
 
 @pytest.mark.timeout(90)
+def test_a_group_of_the_expected_size_assembles_without_waiting_out_matchmaking_time(swarm):
+    """With no target size a leader waits `matchmaking_time` for followers; a caller that knows who is at
+    the boundary passes `expected_size`, and the group forms as soon as they are all in."""
+    config = fast_config(matchmaking_time=12.0, request_timeout=3.0)
+    dhts = swarm.start(3, config)
+    averagers = [swarm.averager(dht, "expected", make_body(0), config) for dht in dhts]
+    bodies = [make_body(seed) for seed in (1, 2, 3)]
+    results = fuse_all(averagers, bodies, [0] * 3, [1.0] * 3, deadline=40.0, expected_size=3)
+    for result in results:
+        assert result.ok and result.group_size == 3, result.reason
+        assert_bodies_close(result.averaged, weighted_mean(bodies, [1.0] * 3))
+        assert result.elapsed_s < config.matchmaking_time, result.elapsed_s
+
+
+@pytest.mark.timeout(90)
 def test_peers_at_different_iterations_never_group(swarm):
     config = fast_config()  # no target size: a group takes everyone under the same key
     dhts = swarm.start(3, config)
