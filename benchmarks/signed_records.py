@@ -22,7 +22,7 @@ import hivemind
 
 from benchmarks.common import log, median
 from p2pcold.config import SwarmConfig
-from p2pcold.swarm import PeerProgress, Phase, peer_id, publish_progress, read_progress, run_record_validators, start_dht, stop_dht, visible_maddrs
+from p2pcold.swarm import PeerProgress, Phase, publish_progress, read_progress, run_record_validators, start_dht, stop_dht, visible_maddrs
 from p2pcold.swarm.progress import progress_key
 from p2pcold.swarm.records import get_records, put_record
 
