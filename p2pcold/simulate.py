@@ -116,17 +116,43 @@ def evaluation_loop(run_dir: Path, source: Path, device: str, threads: int) -> N
         return
     evaluation = RunEvaluation(config, run_dir, resolve_device(device))
 
+    durations: list[float] = []  # seconds of each evaluation so far: the simulator's ETA
+    started = time.monotonic()
+
     def status(phase: str, iteration: int) -> None:
-        atomic_write_json(run_dir / "evaluator.json", {"phase": phase, "iteration": iteration, "time": time.time()})
+        nonlocal started
+        if phase == "evaluating":
+            started = time.monotonic()
+        record = {"phase": phase, "iteration": iteration, "time": time.time(), "evaluated": len(durations)}
+        if durations:
+            record["seconds_per_evaluation"] = sum(durations) / len(durations)
+        atomic_write_json(run_dir / "evaluator.json", record)
 
     status("evaluating", 0)
     evaluation.evaluate_pretrained()
+    durations.append(time.monotonic() - started)
     while evaluation.last_iteration < config.iterations:
         status("waiting", evaluation.last_iteration)
         # the source peer keeps its checkpoints (keep_checkpoints: null) until evaluated: none is skipped
         if evaluation.evaluate_next(source, starting=lambda iteration: status("evaluating", iteration)) is None:
             time.sleep(1.0)
+        else:
+            durations.append(time.monotonic() - started)
     status("done", evaluation.last_iteration)
+
+
+def eta_seconds(elapsed: float, trained: int, iterations: int, evaluations_left: int, seconds_per_evaluation: float | None) -> float | None:
+    """Seconds until a simulation ends, None while there is nothing to extrapolate from. The peers go on
+    at their rate so far (`trained` of `iterations` in `elapsed`); the evaluator works beside them, but
+    the last evaluation can only start once they are done, and a backlog of evaluations can outlast
+    them. Evaluations cost minutes each where iterations cost seconds, so they are counted in seconds,
+    not as steps."""
+    training_left = 0.0 if trained >= iterations else (elapsed / trained * (iterations - trained) if trained else None)
+    if evaluations_left == 0:
+        return training_left
+    if training_left is None or seconds_per_evaluation is None:
+        return None
+    return max(training_left + seconds_per_evaluation, evaluations_left * seconds_per_evaluation)
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -233,12 +259,14 @@ class Simulation:
         alive = sum(1 for plan in self.plans if self.procs[plan.name].poll() is None)
         iterations = [it for it, _ in progress.values()]
         current = min(iterations) if iterations else 0
+        from p2pcold.evaluate import evaluation_due  # pulls in transformers: not at import time
+
         evaluator = read_json(self.run_dir / "evaluator.json") if (self.run_dir / "evaluator.json").is_file() else {}
-        elapsed = time.monotonic() - self.started
-        # The run is done when the peers reach the last iteration and the evaluator has evaluated it.
-        evaluated = evaluator.get("iteration", 0) if evaluator.get("phase") != "evaluating" else max(0, evaluator.get("iteration", 1) - 1)
-        done_fraction = (current + evaluated) / (2 * total)
-        eta = f"{elapsed / done_fraction - elapsed:.0f}s" if done_fraction > 0 else "?"
+        due = sum(evaluation_due(i, self.config.eval.every, total) for i in range(total + 1)) if self.config.eval.datasets else 0
+        left = eta_seconds(
+            time.monotonic() - self.started, current, total, max(0, due - evaluator.get("evaluated", 0)), evaluator.get("seconds_per_evaluation")
+        )  # fmt: skip
+        eta = "?" if left is None else f"{left:.0f}s"
         phases = " ".join(f"{name}:{phase}@{it}" for name, (it, phase) in sorted(progress.items()))
         evaluating = f"{evaluator.get('phase', 'starting')}@{evaluator.get('iteration', 0)}"
         return f"iter {current}/{total} | peers alive {alive}/{len(self.plans)} | {phases} | eval {evaluating} | ETA {eta}"
