@@ -1,7 +1,7 @@
 """The fusion options on the transfer preset (issue 13): each trained by `p2pcold local`, its θ8 evaluated
 with the preset's evaluation, and all of them set against the pretrained MiniLM in one table and plot.
 
-    python -m benchmarks.fusion_options --folder runs/options            # train and evaluate (~12 min an option)
+    python -m benchmarks.fusion_options --folder runs/options            # train and evaluate (12-16 min an option)
     python -m benchmarks.fusion_options --folder runs/options --report   # only the table and plot
 
 One process at a time: a training run and an evaluation side by side on 2 cores each ran 5x slower.
