@@ -223,6 +223,24 @@ def copy_costs(repeats: int = 3) -> list[dict]:
     the same tensors), then the finiteness check `_attempt` runs and `load_body_state`'s copy; and,
     interleaved, single-pass versions of the same work (`torch.sub(..., out=)`, `torch.add`), to show
     what fusing the passes would save."""
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [
+            _copy_cost(size, shapes, repeats)
+            for size, shapes in {
+                "minilm": [(30522, 384), (512, 384)] + [(384, 384)] * 24 + [(1536, 384)] * 12 + [(384,)] * 60,
+                "roberta-base": [(50265, 768), (514, 768)] + [(768, 768)] * 48 + [(3072, 768)] * 24 + [(768,)] * 120,
+            }.items()
+        ]
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _copy_cost(size: str, shapes: list[tuple[int, ...]], repeats: int) -> dict:
+    """One body size of `copy_costs`; its tensors are freed when it returns."""
     import threading
     from types import SimpleNamespace
 
@@ -230,60 +248,46 @@ def copy_costs(repeats: int = 3) -> list[dict]:
 
     from p2pcold.swarm import BodyAverager
 
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rows = []
-    try:
-        for size, shapes in {
-            "minilm": [(30522, 384), (512, 384)] + [(384, 384)] * 24 + [(1536, 384)] * 12 + [(384,)] * 60,
-            "roberta-base": [(50265, 768), (514, 768)] + [(768, 768)] * 48 + [(3072, 768)] * 24 + [(768,)] * 120,
-        }.items():
-            names = [f"t{i:03d}" for i in range(len(shapes))]
-            generator = torch.Generator().manual_seed(0)
-            reference = {n: torch.randn(shape, generator=generator) for n, shape in zip(names, shapes)}
-            body = {n: t + 1e-3 for n, t in reference.items()}
-            model = {n: torch.empty_like(t) for n, t in reference.items()}
-            fake = SimpleNamespace(
-                _averager=SimpleNamespace(lock_averaged_tensors=threading.Lock()),
-                _names=names,
-                _tensors=[torch.zeros_like(reference[n]) for n in names],
-                _reference=reference,
-                _dtypes={n: torch.float32 for n in names},
-                config=SimpleNamespace(allreduce_timeout=60.0, local_rpc_timeout=60.0),
-            )
+    names = [f"t{i:03d}" for i in range(len(shapes))]
+    generator = torch.Generator().manual_seed(0)
+    reference = {n: torch.randn(shape, generator=generator) for n, shape in zip(names, shapes)}
+    body = {n: t + 1e-3 for n, t in reference.items()}
+    model = {n: torch.empty_like(t) for n, t in reference.items()}
+    fake = SimpleNamespace(
+        _averager=SimpleNamespace(lock_averaged_tensors=threading.Lock()),
+        _names=names,
+        _tensors=[torch.zeros_like(reference[n]) for n in names],
+        _reference=reference,
+        _dtypes={n: torch.float32 for n in names},
+        config=SimpleNamespace(allreduce_timeout=60.0, local_rpc_timeout=60.0),
+    )
 
-            def current():
-                BodyAverager._write_tensors(fake, body, 60.0)
-                averaged = BodyAverager._read_tensors(fake)
-                assert all(bool(torch.isfinite(t).all()) for t in averaged.values())
-                for n in names:
-                    model[n].copy_(averaged[n])  # load_body_state
+    def current():
+        BodyAverager._write_tensors(fake, body, 60.0)
+        averaged = BodyAverager._read_tensors(fake)
+        assert all(bool(torch.isfinite(t).all()) for t in averaged.values())
+        for n in names:
+            model[n].copy_(averaged[n])  # load_body_state
 
-            def single_pass():
-                for n, tensor in zip(names, fake._tensors):
-                    torch.sub(body[n], reference[n], out=tensor)
-                for n, tensor in zip(names, fake._tensors):
-                    torch.add(tensor, reference[n], out=model[n])  # straight into the model
-                assert all(bool(torch.isfinite(model[n]).all()) for n in names)
+    def single_pass():
+        for n, tensor in zip(names, fake._tensors):
+            torch.sub(body[n], reference[n], out=tensor)
+        for n, tensor in zip(names, fake._tensors):
+            torch.add(tensor, reference[n], out=model[n])  # straight into the model
+        assert all(bool(torch.isfinite(model[n]).all()) for n in names)
 
-            times: dict[str, list[float]] = {"current": [], "single_pass": []}
-            for _ in range(repeats):
-                for name, fn in (("current", current), ("single_pass", single_pass)):
-                    started = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - started)
-            rows.append(
-                {
-                    "size": size,
-                    "params": sum(t.numel() for t in reference.values()),
-                    "current_s": median(times["current"]),
-                    "single_pass_s": median(times["single_pass"]),
-                }
-            )
-            del reference, body, model, fake
-    finally:
-        torch.set_num_threads(saved_threads)
-    return rows
+    times: dict[str, list[float]] = {"current": [], "single_pass": []}
+    for _ in range(repeats):
+        for name, fn in (("current", current), ("single_pass", single_pass)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {
+        "size": size,
+        "params": sum(t.numel() for t in reference.values()),
+        "current_s": median(times["current"]),
+        "single_pass_s": median(times["single_pass"]),
+    }
 
 
 def run(quick: bool = False) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import itertools
 import socket
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,7 @@ logger = get_logger(__name__)
 DIAL_BACK_PROTOCOL = "p2pcold.reachability.DialBack"
 MAX_PORTS = 8  # ports a member dials per request
 MAX_MEMBERS = 5  # members asked per check (the initial peers first)
+DIAL_BACK_RETRY_S = 0.5  # the first pause before an initial peer is asked again; it doubles, up to 4x
 
 
 class Mode(str, enum.Enum):
@@ -209,21 +211,32 @@ async def _serve(dial_timeout: float, relay: bool, _dht, node) -> None:
 async def _ask_members(initial_ids: list[str], ports: list[int], timeout: float, _dht, node) -> dict:
     members = [*initial_ids, *(str(p) for p in node.protocol.routing_table.peer_id_to_uid if str(p) not in initial_ids)]
     members = [m for m in members if m != str(node.peer_id)][:MAX_MEMBERS]
+    deadline = asyncio.get_running_loop().time() + timeout
 
-    async def ask(member: str):
+    async def ask_once(member: str):
+        _info, reader, writer = await node.p2p.call_binary_stream_handler(PeerID.from_base58(member), DIAL_BACK_PROTOCOL)
         try:
-            _info, reader, writer = await node.p2p.call_binary_stream_handler(PeerID.from_base58(member), DIAL_BACK_PROTOCOL)
-            try:
-                await P2P.send_raw_data(MSGPackSerializer.dumps({"ports": ports}), writer)
-                reply = MSGPackSerializer.loads(await P2P.receive_raw_data(reader))
-            finally:
-                writer.close()
-        except Exception as e:  # an old member without the service, or one that went away
-            logger.debug("member %s did not answer the dial-back request: %r", member, e)
-            return None
+            await P2P.send_raw_data(MSGPackSerializer.dumps({"ports": ports}), writer)
+            reply = MSGPackSerializer.loads(await P2P.receive_raw_data(reader))
+        finally:
+            writer.close()
         if not (isinstance(reply, dict) and isinstance(reply.get("dialed"), list) and isinstance(reply.get("relay"), bool)):
             return None
         return {"dialed": [p for p in reply["dialed"] if p in ports], "relay": reply["relay"]}
+
+    async def ask(member: str):
+        """An initial peer is asked again after a failed try (a stream refused while its node is busy, a
+        dial in libp2p's backoff), until the deadline: the peer's mode depends on its answer. Any other
+        member is asked once: the routing table also lists members that have left."""
+        for attempt in itertools.count():
+            try:
+                return await ask_once(member)
+            except Exception as e:  # an old member without the service, one that went away, a busy one
+                logger.debug("member %s did not answer the dial-back request: %r", member, e)
+            pause = min(DIAL_BACK_RETRY_S * 2**attempt, 4 * DIAL_BACK_RETRY_S)
+            if member not in initial_ids or asyncio.get_running_loop().time() + pause >= deadline:
+                return None
+            await asyncio.sleep(pause)
 
     async def ask_bounded(member: str):
         try:

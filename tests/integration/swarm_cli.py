@@ -33,7 +33,7 @@ FAST_SWARM = {  # loopback timings: small enough for tests, with the same struct
     "boundary_deadline": 45.0,
     "allreduce_timeout": 20.0,
     "next_chunk_timeout": 3.0,
-    "state_download_timeout": 20.0,
+    "state_download_timeout": 45.0,  # room for libp2p's dial backoff (5 s + n² s after n failed dials) to end
     "peer_wait_timeout": 60.0,
     "contributor_deadline": 90.0,
     "assignment_timeout": 120.0,

@@ -18,8 +18,8 @@ def run_with_repository(swarm, tmp_path, config, recipes) -> list[str]:
     maddr = swarm.bootstrap(config, "--repository", "--run-dir", str(tmp_path / "repository"))
     peers = {f"peer{i}": swarm.peer(f"peer{i}", config, recipe, maddr, "--centralized") for i, recipe in enumerate(recipes)}
     for name, proc in peers.items():
-        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
-    assert swarm.wait(swarm.procs[0], "bootstrap", timeout=60) == 0
+        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:] + "\n--- the Repository:\n" + swarm.log("bootstrap")[-3000:]
+    assert swarm.wait(swarm.procs[0], "bootstrap", timeout=60) == 0, swarm.log("bootstrap")[-3000:]
     return list(peers)
 
 

@@ -4,6 +4,8 @@ says whether it relays; the decision predicates. The real NAT is in tests/integr
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
@@ -37,6 +39,25 @@ def test_members_dial_back_a_listening_peer_and_report_their_relay(swarm):
     # a port nobody listens on (a NAT router's): answered, not reached
     check = dial_back(client, fast_config(port=free_port()), initial)
     assert str(bootstrap.peer_id) in check.answered and not check.dialed_by and is_reachable(check) is False
+
+
+def test_an_initial_peer_that_fails_a_first_request_is_asked_again(swarm):
+    """The bootstrap's first answer is a refused stream (its service is not up yet): the check asks again
+    within its timeout instead of counting the bootstrap as silent (and the peer as unreachable)."""
+    config = fast_config(relay=True)
+    (bootstrap,) = swarm.start(1, config)
+    port = free_port()
+    client = start_dht(fast_config(port=port), visible_maddrs(bootstrap), client_mode=True)
+    swarm.dhts.append(client)
+    late_service = threading.Timer(1.5, serve_dial_back, (bootstrap, config))
+    started = time.monotonic()
+    late_service.start()
+    try:
+        check = dial_back(client, fast_config(port=port), visible_maddrs(bootstrap))
+    finally:
+        late_service.join()
+    assert check.answered == check.dialed_by == (str(bootstrap.peer_id),)
+    assert time.monotonic() - started < fast_config().reachability_timeout
 
 
 def free_port() -> int:
