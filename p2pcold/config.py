@@ -564,6 +564,7 @@ class SwarmConfig(_Section):
     assignment_timeout: Seconds = 7200.0  # a peer waits this long for the Repository's next assignment or go
     poll_interval: Seconds = 0.5  # how often a waiting process re-reads a DHT record
     dht_request_timeout: Seconds = 10.0  # one DHT get/store (progress records, identity reads inside join_timeout)
+    publish_timeout: Seconds = 60.0  # a record peers wait on (the Repository's word) is stored again until the DHT confirms it
     local_rpc_timeout: Seconds = 15.0  # a call into hivemind's own background processes (pipes, locks)
     shutdown_timeout: Seconds = 10.0  # graceful stop of the averager / DHT before they are killed
 

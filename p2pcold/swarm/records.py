@@ -25,6 +25,8 @@ from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
 
+STORE_RETRY_PAUSE_S = 0.5  # between the tries of a store that must land (store_record's retry_until)
+
 
 def assignment_key(run_id: str) -> str:
     """Where the Repository publishes, per iteration, who contributes and who fuses."""
@@ -101,14 +103,30 @@ def _has_default(f: dataclasses.Field) -> bool:
     return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
-def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float) -> bool:
-    """Store `value` under (key, subkey) for `ttl` s; False when the DHT did not confirm in `timeout` s."""
-    future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
-    try:
-        return bool(future.result(timeout=timeout))
-    except TimeoutError:
-        future.cancel()
-        return False
+def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float, *, retry_until: float | None = None) -> bool:
+    """Store `value` under (key, subkey) for `ttl` s; False when the DHT did not confirm it. One try of at
+    most `timeout` s, repeated until `retry_until` (a time.monotonic() deadline) when one is given."""
+    return store_record(dht, key, subkey, value, get_dht_time() + ttl, timeout, retry_until=retry_until)
+
+
+def store_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, expiration_time: float, timeout: float, *, retry_until: float | None = None) -> bool:
+    """put_record with an absolute DHT expiration time (a stored value is only replaced by a later one).
+
+    `retry_until` is for the records that peers wait on (the run identity, the Repository's word): on a
+    loaded swarm a store fails now and then (the nearest nodes do not answer hivemind's RPC in time), and
+    one failed try must not stop a run."""
+    deadline = time.monotonic() + timeout if retry_until is None else retry_until
+    while True:
+        future = dht.store(key, value, expiration_time=expiration_time, subkey=subkey, return_future=True)
+        try:
+            if future.result(timeout=max(min(timeout, deadline - time.monotonic()), 0.0)):
+                return True
+        except TimeoutError:
+            future.cancel()
+        if retry_until is None or time.monotonic() + STORE_RETRY_PAUSE_S >= deadline:
+            return False
+        logger.info("a store of %r was not confirmed by the DHT; trying again", key)
+        time.sleep(STORE_RETRY_PAUSE_S)
 
 
 def get_records(dht: hivemind.DHT, key: str, timeout: float) -> dict[str, Any]:

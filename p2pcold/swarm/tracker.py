@@ -140,11 +140,14 @@ class SwarmTracker:
             return self._snapshot
 
     def publish_assignment(self, iteration: int, record: dict) -> None:
-        """The Repository's word about `iteration` (contributors, group, final, failure), for every peer."""
+        """The Repository's word about `iteration` (contributors, group, final, failure), for every peer;
+        stored again until the DHT confirms it, within `publish_timeout`."""
         config = self.config
         subkey = assignment_subkey(record_owner(self.dht), iteration)
-        if not put_record(self.dht, assignment_key(self.run_id), subkey, record, config.assignment_timeout, config.dht_request_timeout):
-            raise P2PColdError(f"could not publish the assignment of iteration {iteration} in the DHT")
+        retry_until = time.monotonic() + config.publish_timeout
+        key = assignment_key(self.run_id)
+        if not put_record(self.dht, key, subkey, record, config.assignment_timeout, config.dht_request_timeout, retry_until=retry_until):
+            raise P2PColdError(f"could not publish the assignment of iteration {iteration} in the DHT within {config.publish_timeout:.0f} s")
         self._wake.set()
 
     def close(self, timeout: float) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 import pytest
 
 from p2pcold.swarm import PeerProgress, Phase, SwarmTracker, peer_id, stop_dht
+from p2pcold.utils import P2PColdError
 
 from helpers import fast_config
 
@@ -58,3 +60,39 @@ def test_trackers_see_each_other_and_a_failed_read_keeps_the_last_view(swarm, ca
         for tracker in (*trackers, repository):
             tracker.close(timeout=5.0)
         assert time.monotonic() - started < 16
+
+
+@pytest.mark.timeout(60)
+def test_the_repositorys_word_is_stored_again_until_the_dht_confirms_it(swarm, monkeypatch):
+    """A store that the DHT does not confirm (its nearest nodes busy) is tried again within publish_timeout;
+    one that never lands is one error line naming that timeout, in bounded time."""
+    config = fast_config(poll_interval=0.2, publish_timeout=4.0, dht_request_timeout=1.0)
+    a, b = swarm.start(2, config)
+    store, tries = a.store, []
+
+    def unconfirmed_twice(*args, **kwargs):
+        tries.append(args[0])
+        return unconfirmed() if len(tries) <= 2 else store(*args, **kwargs)
+
+    monkeypatch.setattr(a, "store", unconfirmed_twice)
+    repository, reader = SwarmTracker(a, "word", config), SwarmTracker(b, "word", config)
+    try:
+        repository.publish_assignment(0, {"iteration": 0, "contributors": ["sst2"]})
+        assert len(tries) == 3
+        assert wait_for(reader, lambda s: 0 in s.assignments).assignments[0]["contributors"] == ["sst2"]
+
+        monkeypatch.setattr(a, "store", lambda *args, **kwargs: unconfirmed())
+        started = time.monotonic()
+        with pytest.raises(P2PColdError, match=r"could not publish the assignment of iteration 1 in the DHT within 4 s"):
+            repository.publish_assignment(1, {"iteration": 1, "contributors": ["sst2"]})
+        assert config.publish_timeout - 1.0 <= time.monotonic() - started <= config.publish_timeout + config.dht_request_timeout + 1.0
+    finally:
+        for tracker in (repository, reader):
+            tracker.close(timeout=5.0)
+
+
+def unconfirmed() -> Future:
+    """What DHT.store returns when no node accepted the record."""
+    future = Future()
+    future.set_result(False)
+    return future
