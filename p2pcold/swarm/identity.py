@@ -26,7 +26,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
-from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, record_owner, store_record, warn_bad_record
+from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, record_owner, warn_bad_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 logger = get_logger(__name__)
@@ -244,9 +244,14 @@ def _read_entries(dht: hivemind.DHT, key: str, deadline: float, config: SwarmCon
 
 
 def _store(dht, key, subkey, value, expiration, deadline, config, must: bool = True) -> None:
-    """Store until the DHT confirms it, within the join's `deadline`; `must`: a store that never lands is an error."""
-    if deadline <= time.monotonic() and not must:
+    timeout = min(config.dht_request_timeout, deadline - time.monotonic())
+    if timeout <= 0 and not must:
         return
-    stored = store_record(dht, key, subkey, value, expiration, config.dht_request_timeout, retry_until=deadline)
+    future = dht.store(key, value, expiration_time=expiration, subkey=subkey, return_future=True)
+    try:
+        stored = future.result(timeout=max(timeout, 0.0))
+    except TimeoutError:
+        future.cancel()
+        stored = False
     if not stored and must:
         raise P2PColdError(f"swarm: could not publish the run identity in the DHT within join_timeout={config.join_timeout:.0f} s")

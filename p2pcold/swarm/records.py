@@ -25,7 +25,7 @@ from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
 
-STORE_RETRY_PAUSE_S = 0.5  # between the tries of a store that must land (store_record's retry_until)
+STORE_RETRY_PAUSE_S = 0.5  # between the tries of a store that must land (put_record's retry_until)
 
 
 def assignment_key(run_id: str) -> str:
@@ -105,19 +105,15 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 def put_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float, *, retry_until: float | None = None) -> bool:
     """Store `value` under (key, subkey) for `ttl` s; False when the DHT did not confirm it. One try of at
-    most `timeout` s, repeated until `retry_until` (a time.monotonic() deadline) when one is given."""
-    return store_record(dht, key, subkey, value, get_dht_time() + ttl, timeout, retry_until=retry_until)
+    most `timeout` s, repeated until `retry_until` (a time.monotonic() deadline) when one is given.
 
-
-def store_record(dht: hivemind.DHT, key: str, subkey: str, value: Any, expiration_time: float, timeout: float, *, retry_until: float | None = None) -> bool:
-    """put_record with an absolute DHT expiration time (a stored value is only replaced by a later one).
-
-    `retry_until` is for the records that peers wait on (the run identity, the Repository's word): on a
-    loaded swarm a store fails now and then (the nearest nodes do not answer hivemind's RPC in time), and
-    one failed try must not stop a run."""
+    `retry_until` is for the records that peers wait on (the Repository's word): on a loaded swarm a store
+    fails now and then (the nearest nodes do not answer hivemind's RPC in time), and one failed try must
+    not stop a run. Each try expires `ttl` s after it is made, since a node that took an unconfirmed try
+    refuses a value that expires no later."""
     deadline = time.monotonic() + timeout if retry_until is None else retry_until
     while True:
-        future = dht.store(key, value, expiration_time=expiration_time, subkey=subkey, return_future=True)
+        future = dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey, return_future=True)
         try:
             if future.result(timeout=max(min(timeout, deadline - time.monotonic()), 0.0)):
                 return True
