@@ -8,7 +8,7 @@ Nothing is changed at import.
   fix below reads element [0] instead; the wire format is unchanged, so patched and unpatched peers
   (on older numpy) interoperate. It is applied only if a round-trip probe fails.
 * hivemind logs outcomes that p2pcold expects and reports itself as ERRORs with tracebacks; see
-  `_ExpectedOutcomes`.
+  `_ExpectedOutcomes` and `_CancelledStepCleanup`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def apply() -> None:
     logging.getLogger("hivemind.averaging.averager").addFilter(_ExpectedOutcomes())
     # p2pcold uses target_group_size = number of expected peers, which need not be a power of 2
     logging.getLogger("hivemind.averaging.key_manager").addFilter(_DropFilter("power of 2"))
+    cancelled_step = _CancelledStepCleanup()
+    logging.getLogger("hivemind.utils.asyncio").addFilter(cancelled_step)
+    logging.getLogger("asyncio").addFilter(cancelled_step)
 
 
 def is_applied() -> bool:
@@ -84,6 +87,26 @@ class _ExpectedOutcomes(logging.Filter):
         if error is not None and str(record.msg).startswith("Failed to download state from"):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+class _CancelledStepCleanup(logging.Filter):
+    """When a step is cancelled in matchmaking (`BodyAverager.cancel_step`: the swarm left the boundary),
+    hivemind closes its matchmaking tasks while they await their own cancellation. That logs, from the
+    averager process, a GeneratorExit traceback per task (`await_cancelled`), "Task was destroyed but it
+    is pending!" for hivemind's averaging tasks, and a stream's "aclose(): asynchronous generator is
+    already running". The step's outcome is already reported (`fuse` says it stopped looking), so these
+    records are dropped; any other asyncio error is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name == "hivemind.utils.asyncio":
+            return not isinstance(error, GeneratorExit)
+        message = str(record.msg)
+        if message.startswith("Task was destroyed but it is pending!"):
+            return "hivemind/averaging/" not in message
+        if message.startswith("Task exception was never retrieved"):
+            return not (isinstance(error, RuntimeError) and str(error) == "aclose(): asynchronous generator is already running")
         return True
 
 

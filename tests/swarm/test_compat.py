@@ -50,6 +50,27 @@ def test_expected_outcomes_are_dropped_or_become_one_warning_line():
     assert outcomes.filter(_record("Downloading parameters from peer X", None, logging.INFO))
 
 
+def test_a_cancelled_steps_cleanup_leaves_no_traceback_and_other_asyncio_errors_stay():
+    """The records hivemind and asyncio write when a step cancelled in matchmaking is closed (seen in a
+    victim peer's log under load), and asyncio errors that are not that."""
+    cleanup = _compat._CancelledStepCleanup()
+
+    def record(name, msg, error=None):
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, (type(error), error, None) if error is not None else None)
+
+    closed = GeneratorExit()
+    assert not cleanup.filter(record("hivemind.utils.asyncio", "Exception in <Task cancelling name='Task-103' coro=<PotentialLeaders._declare_averager_periodically()>", closed))
+    pending = "Task was destroyed but it is pending!\ntask: <Task cancelling name='Task-101' coro=<Matchmaking._request_join_potential_leaders() done, defined at /venv/lib/python3.11/site-packages/hivemind/averaging/matchmaking.py:149>>"
+    assert not cleanup.filter(record("asyncio", pending))
+    running = RuntimeError("aclose(): asynchronous generator is already running")
+    assert not cleanup.filter(record("asyncio", "Task exception was never retrieved\nfuture: <Task finished name='Task-399'>", running))
+
+    other = ValueError("a real bug")
+    assert cleanup.filter(record("hivemind.utils.asyncio", "Exception in <Task ...>", other))
+    assert cleanup.filter(record("asyncio", "Task was destroyed but it is pending!\ntask: <Task pending coro=<p2pcold_thing() at /p2pcold/peer/base.py:1>>"))
+    assert cleanup.filter(record("asyncio", "Task exception was never retrieved\nfuture: <Task finished>", RuntimeError("something else")))
+
+
 @pytest.fixture
 def averager_log(tmp_path):
     """hivemind's averager log, as its (forked) averager processes write it: a file handler added before
