@@ -4,6 +4,7 @@ NaN is left out instead of stopping the fusion. Real processes on 127.0.0.1 (`ro
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -102,11 +103,14 @@ def test_a_rogue_member_cannot_move_the_fused_body_and_its_nan_is_left_out(proce
                 error = (value - honest_mean[tensor]).abs()
                 bound = 1e-5 if attack == "nan" else honest_range + 1e-5
                 assert bool((error <= bound).all()), (attack, name, tensor, float((error - bound).max()))
-    # the NaN sender is named in one warning line by each reducer that received a NaN part
+    # the NaN sender is named in one warning line by each reducer that received a NaN part: at most one per
+    # attempt (under load a first attempt can come back partial and the group retries with the same bodies)
     line = f"left out the contribution of peer {reports(processes, 'rogue')[0]['peer_id']}: it holds NaN or Inf"
     logs = {name: processes.log(name) for name in honest}
     named = [name for name, text in logs.items() if "left out the contribution" in text]
     assert named, "no honest reducer logged the NaN contribution"
     for name in named:
-        assert logs[name].count("left out the contribution") == 1 and line in logs[name], logs[name][-2000:]
+        attempts = 1 + len(re.findall(rf"fusion at iteration {ATTACKS.index('nan')}, attempt \d+ failed", logs[name]))
+        left_out = [entry for entry in logs[name].splitlines() if "left out the contribution" in entry]
+        assert len(left_out) <= attempts and all(line in entry for entry in left_out), logs[name][-2000:]
     assert "Traceback" not in "".join(logs.values())
