@@ -32,7 +32,9 @@ def start_rogue_dht(member_maddr: str, secret: RunSecret | None) -> hivemind.DHT
 
 async def call_averaging_rpcs(member_maddr: str, prefix: str, schema_hash: bytes, timeout: float, before_calls=None) -> dict[str, list]:
     """What a member answers to rpc_join_group, rpc_aggregate_part and rpc_download_state: the messages
-    of each stream, or the exception that ended it. `before_calls(rogue_peer_id)` runs first."""
+    of each stream, then the exception that ended it, if any. A member that answers and closes at once
+    can break the caller's end-of-requests write after its answer arrived (seen under load), so an
+    exception never hides the messages before it. `before_calls(rogue_peer_id)` runs first."""
     p2p = await P2P.create(initial_peers=[member_maddr], startup_timeout=60)
     try:
         if before_calls is not None:
@@ -50,11 +52,13 @@ async def call_averaging_rpcs(member_maddr: str, prefix: str, schema_hash: bytes
         }
         answers = {}
         for name, call in calls.items():
+            answers[name] = messages = []
             try:
                 stream = await asyncio.wait_for(call(), timeout)
-                answers[name] = [message async for message in aiter_with_timeout(stream, timeout)]
-            except Exception as e:  # a refused or broken stream
-                answers[name] = [e]
+                async for message in aiter_with_timeout(stream, timeout):
+                    messages.append(message)
+            except Exception as e:  # a refused or broken stream; kept after what it did deliver
+                messages.append(e)
         return answers
     finally:
         await p2p.shutdown()

@@ -147,7 +147,7 @@ NOTHING = {"rpc_join_group": [], "rpc_aggregate_part": [], "rpc_download_state":
 @pytest.mark.timeout(120)
 def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(members):
     # the control: an open member answers every call (a refusal code, or its state)
-    open_answers = rogue_rpcs(members, visible_maddrs(members.c._dht)[0])
+    open_answers = received(rogue_rpcs(members, visible_maddrs(members.c._dht)[0]))
     assert [type(m).__name__ for m in open_answers["rpc_join_group"]] == ["MessageFromLeader"], open_answers
     assert [type(m).__name__ for m in open_answers["rpc_aggregate_part"]] == ["AveragingData"], open_answers
     assert len(open_answers["rpc_download_state"]) >= 2, open_answers  # the body leaks to anyone
@@ -168,7 +168,7 @@ def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(mem
         assert members.b._dht.store(members_key(prefix), member_tag(SECRET, prefix, rogue_id), time.time() + 60, subkey=rogue_id)
         time.sleep(TAG_REREAD_INTERVAL_S)
 
-    leaked = rogue_rpcs(members, members.maddr, before_calls=leak_the_secret)
+    leaked = received(rogue_rpcs(members, members.maddr, before_calls=leak_the_secret))
     assert len(leaked["rpc_download_state"]) >= 2, leaked  # what "a member leaking the secret" costs (docs/security.md)
 
 
