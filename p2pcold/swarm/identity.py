@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import hivemind
-import numpy as np
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
-from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, record_owner, warn_bad_record
+from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, put_record, record_owner, warn_bad_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 logger = get_logger(__name__)
@@ -181,11 +180,10 @@ def join_run(dht: hivemind.DHT, run_id: str, identity: RunIdentity, config: Swar
     key, me, owner = identity_key(run_id), str(dht.peer_id), record_owner(dht)
 
     entries = _pinned(_read_entries(dht, key, deadline, config), identity, pinned, run_id)
-    published_own: float | None = None
-    if not entries:
+    founded = not entries
+    if founded:
         candidate = dataclasses.replace(identity, founder=me, created_at=get_dht_time())
-        published_own = get_dht_time() + config.identity_ttl
-        _store(dht, key, owner, candidate.to_record(), published_own, deadline, config)
+        _store(dht, key, owner, candidate.to_record(), deadline, config)
         logger.info("run %r: no identity in the DHT, publishing ours as founder", run_id)
         # a rival founder that read the key empty at the same time shows up here
         time.sleep(min(config.identity_settle_time, max(0.0, deadline - time.monotonic())))
@@ -195,12 +193,12 @@ def join_run(dht: hivemind.DHT, run_id: str, identity: RunIdentity, config: Swar
     canonical = min(entries.values(), key=RunIdentity._order)
     differences = canonical.differences(identity)
     if differences:
-        if published_own is not None:  # we raced a founder and lost: withdraw our entry
-            _store(dht, key, owner, None, float(np.nextafter(published_own, np.inf)), deadline, config, must=False)
+        if founded:  # we raced a founder and lost: withdraw our entry
+            _store(dht, key, owner, None, deadline, config, must=False)
         forged_theta0 = not pinned and canonical.body_hash != identity.body_hash  # the only lock-out a pin cures
         hint = f" (if that identity is forged, pin θ0 in the run config: swarm.theta0_hash: {identity.body_hash})" if forged_theta0 else ""
         raise P2PColdError(f"cannot join run {run_id!r} (founded by {canonical.founder}): " + "; ".join(differences) + hint)
-    _store(dht, key, owner, canonical.to_record(), get_dht_time() + config.identity_ttl, deadline, config)
+    _store(dht, key, owner, canonical.to_record(), deadline, config)
     return canonical
 
 
@@ -243,15 +241,11 @@ def _read_entries(dht: hivemind.DHT, key: str, deadline: float, config: SwarmCon
     return entries
 
 
-def _store(dht, key, subkey, value, expiration, deadline, config, must: bool = True) -> None:
-    timeout = min(config.dht_request_timeout, deadline - time.monotonic())
-    if timeout <= 0 and not must:
+def _store(dht, key, subkey, value, deadline, config, must: bool = True) -> None:
+    """Store our entry (None: withdraw it), retried until `deadline`: on a busy swarm one store now and
+    then goes unconfirmed, and a joiner has the whole join_timeout, not one try."""
+    if deadline <= time.monotonic() and not must:
         return
-    future = dht.store(key, value, expiration_time=expiration, subkey=subkey, return_future=True)
-    try:
-        stored = future.result(timeout=max(timeout, 0.0))
-    except TimeoutError:
-        future.cancel()
-        stored = False
+    stored = put_record(dht, key, subkey, value, ttl=config.identity_ttl, timeout=config.dht_request_timeout, retry_until=deadline)
     if not stored and must:
         raise P2PColdError(f"swarm: could not publish the run identity in the DHT within join_timeout={config.join_timeout:.0f} s")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -11,6 +11,13 @@ from p2pcold.swarm import BodyAverager, start_dht, stop_dht, visible_maddrs
 
 
 SHAPES = {"encoder.layer.0.weight": (8, 4), "encoder.layer.0.bias": (4,), "embeddings.weight": (10, 3)}
+
+
+def unconfirmed() -> Future:
+    """What DHT.store returns when no node accepted the record (stands in for `dht.store`)."""
+    future = Future()
+    future.set_result(False)
+    return future
 
 
 def make_body(seed: int, shapes=SHAPES, scale: float = 1.0) -> dict[str, torch.Tensor]:

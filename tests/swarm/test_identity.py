@@ -12,7 +12,7 @@ import torch
 from p2pcold.swarm import RunIdentity, join_run, peer_id
 from p2pcold.utils import P2PColdError
 
-from helpers import fast_config, make_body
+from helpers import fast_config, make_body, unconfirmed
 
 pytestmark = [pytest.mark.network]
 
@@ -47,6 +47,32 @@ def test_join_accepts_the_same_identity_and_refuses_another_one(swarm):
     message = str(refused.value)
     assert "base model differs: swarm has 'minilm', you have 'bert-base'" in message
     assert "fused parameter schema (names/shapes/dtypes) differs" in message
+
+
+@pytest.mark.timeout(90)
+def test_an_unconfirmed_store_is_tried_again_within_join_timeout(swarm, monkeypatch):
+    """A founder's store that the DHT does not confirm (CI saw one with a rogue's nodes nearest to the key)
+    is tried again, not a refused join; one that never lands is one error line, within join_timeout."""
+    config = fast_config(join_timeout=4.0, dht_request_timeout=1.0)
+    founder, joiner = swarm.start(2, config)
+    identity = RunIdentity.for_body("retry", "minilm", make_body(0))
+    store, tries = founder.store, []
+
+    def unconfirmed_once(*args, **kwargs):
+        tries.append(args[0])
+        return unconfirmed() if len(tries) == 1 else store(*args, **kwargs)
+
+    monkeypatch.setattr(founder, "store", unconfirmed_once)
+    canonical = join_run(founder, "retry", identity, config)
+    assert canonical.founder == peer_id(founder) and len(tries) >= 3  # the lost try, its retry, the refresh
+    assert join_run(joiner, "retry", identity, config) == canonical
+
+    monkeypatch.setattr(joiner, "store", lambda *args, **kwargs: unconfirmed())
+    started = time.monotonic()
+    with pytest.raises(P2PColdError, match=r"could not publish the run identity in the DHT within join_timeout=4 s"):
+        join_run(joiner, "retry", identity, config)
+    assert time.monotonic() - started <= config.join_timeout + 1.0
+
 
 
 @pytest.mark.timeout(90)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 
 import pytest
 
 from p2pcold.swarm import PeerProgress, Phase, SwarmTracker, peer_id, stop_dht
 from p2pcold.utils import P2PColdError
 
-from helpers import fast_config
+from helpers import fast_config, unconfirmed
 
 pytestmark = [pytest.mark.network]
 
@@ -93,9 +92,3 @@ def test_the_repositorys_word_is_stored_again_until_the_dht_confirms_it(swarm, m
         for tracker in (repository, reader):
             tracker.close(timeout=5.0)
 
-
-def unconfirmed() -> Future:
-    """What DHT.store returns when no node accepted the record."""
-    future = Future()
-    future.set_result(False)
-    return future
