@@ -2,7 +2,8 @@
 
 Used to find and kill the p2pd daemon a DHT process started, so that no shutdown path can leave an
 orphaned daemon behind (hivemind terminates the DHT process with SIGTERM when it does not stop in
-time, which orphans its p2pd child).
+time, which orphans its p2pd child), and what each forked hivemind process sets up first
+(`setup_forked_child`).
 """
 
 from __future__ import annotations
@@ -97,3 +98,27 @@ def exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="p2pcold-orphan-watchdog", daemon=True).start()
+
+
+def own_shared_bytes_lock() -> None:
+    """In a forked background process: give hivemind's SharedBytes (taken by every MPFuture created) a
+    lock of this process's own.
+
+    hivemind makes that lock with `mp.Lock()` at import, so the host and every process forked from it
+    share one semaphore, although what it guards (the process's own buffer) is per process. A child
+    killed while inside it (an averager stopped after a start-up slower than its timeout, a shutdown
+    past its grace) leaves it held for good, and the host's next MPFuture, so its next DHT request,
+    waits forever: seen once under load, where one slow averager start hung every later in-process test.
+    """
+    import multiprocessing
+
+    from hivemind.utils.mpfuture import SharedBytes
+
+    SharedBytes._lock = multiprocessing.Lock()
+
+
+def setup_forked_child(parent_pid: int) -> None:
+    """What every hivemind process p2pcold forks (a DHT, an averager) does first, in `run()`."""
+    reset_signal_handlers()
+    exit_when_orphaned(parent_pid)
+    own_shared_bytes_lock()

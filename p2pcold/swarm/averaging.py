@@ -201,8 +201,7 @@ class _SwarmAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def run(self):  # in the forked averager process
-        _procs.reset_signal_handlers()
-        _procs.exit_when_orphaned(self._p2pcold_parent)
+        _procs.setup_forked_child(self._p2pcold_parent)
         super().run()
 
     # The averaging RPCs of a private swarm serve members only (see p2pcold.swarm.auth): a caller whose

@@ -77,8 +77,7 @@ class _SwarmDHT(hivemind.DHT):
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
-        _procs.reset_signal_handlers()
-        _procs.exit_when_orphaned(self._p2pcold_parent)
+        _procs.setup_forked_child(self._p2pcold_parent)
         self._inner_pipe = _RequestPipe(self._inner_pipe)
         super().run()
 

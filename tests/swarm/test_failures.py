@@ -4,6 +4,7 @@ stopped (SIGSTOP) in the middle of one, and a failure that only one member of th
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import queue
 import signal
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.utils.mpfuture import SharedBytes
 
-from p2pcold.swarm import FusionStatus, visible_maddrs
+from p2pcold.swarm import FusionStatus, _procs, visible_maddrs
 from p2pcold.swarm.averaging import group_step_timeout_s
 
 from helpers import FAST, fast_config, fuse_all, weighted_mean
@@ -243,3 +245,32 @@ def test_a_peer_whose_main_process_dies_leaves_no_process_behind():
     finally:
         if process_group(worker.pid):
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_killed_inside_hiveminds_shared_bytes_lock_leaves_the_host_free(monkeypatch):
+    """Every MPFuture takes hivemind's SharedBytes lock, an `mp.Lock` that the host shares with what it
+    forks. A child killed inside it left it held (control), and then the host's next DHT request waited
+    forever; with `own_shared_bytes_lock`, what p2pcold's DHT and averager processes call first, a dead
+    child holds only its own."""
+    fork = multiprocessing.get_context("fork")
+    for own_lock in (False, True):
+        monkeypatch.setattr(SharedBytes, "_lock", fork.Lock())  # this test's own: the control leaves it held
+        held = fork.Event()
+        child = fork.Process(target=_die_holding_the_shared_bytes_lock, args=(own_lock, held), daemon=True)
+        child.start()
+        assert held.wait(30), "the child never took the lock"
+        child.kill()
+        child.join(5)
+        free = SharedBytes._lock.acquire(timeout=2.0)
+        if free:
+            SharedBytes._lock.release()
+        assert free == own_lock
+
+
+def _die_holding_the_shared_bytes_lock(own_lock: bool, held) -> None:
+    if own_lock:
+        _procs.own_shared_bytes_lock()
+    SharedBytes._lock.acquire()
+    held.set()
+    time.sleep(60)

@@ -45,7 +45,8 @@ class MoshpitSwarm:
     """PEERS - 1 in-process peers and one worker process, all planned on NAMES in groups of GROUP."""
 
     def __init__(self, swarm, tmp_path):
-        self.config = fast_config(target_group_size=GROUP, min_group_size=2)
+        # 15 averager processes start at once on 2 cores: each gets more than the folder's 10 s to come up
+        self.config = fast_config(target_group_size=GROUP, min_group_size=2, local_rpc_timeout=30.0)
         self.marker, self.armed = tmp_path / "victim-in-allreduce", tmp_path / "arm-the-stall"
         first = swarm.start(1, self.config)[0]
         with ThreadPoolExecutor(8) as pool:  # start-ups overlap: 16 sequential p2pd starts take long on 2 cores
