@@ -144,10 +144,23 @@ def received(answers: dict[str, list]) -> dict[str, list]:
 NOTHING = {"rpc_join_group": [], "rpc_aggregate_part": [], "rpc_download_state": []}
 
 
+def answered(members, open_member_maddr: str, tries: int = 3) -> dict[str, list]:
+    """What an open member answers to each call, asking again (up to `tries` times) for the calls that got
+    nothing: its answer-then-close races the caller's end-of-requests write, and under load p2pd can drop
+    the answer with the stream (a loaded CI-like run lost the `rpc_aggregate_part` answer once)."""
+    answers = dict(NOTHING)
+    for _ in range(tries):
+        for name, messages in received(rogue_rpcs(members, open_member_maddr)).items():
+            answers[name] = answers[name] or messages
+        if all(answers.values()):
+            break
+    return answers
+
+
 @pytest.mark.timeout(120)
 def test_an_outsiders_averaging_rpcs_get_nothing_and_a_copied_tag_is_refused(members):
     # the control: an open member answers every call (a refusal code, or its state)
-    open_answers = received(rogue_rpcs(members, visible_maddrs(members.c._dht)[0]))
+    open_answers = answered(members, visible_maddrs(members.c._dht)[0])
     assert [type(m).__name__ for m in open_answers["rpc_join_group"]] == ["MessageFromLeader"], open_answers
     assert [type(m).__name__ for m in open_answers["rpc_aggregate_part"]] == ["AveragingData"], open_answers
     assert len(open_answers["rpc_download_state"]) >= 2, open_answers  # the body leaks to anyone
