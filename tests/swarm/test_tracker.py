@@ -91,4 +91,3 @@ def test_the_repositorys_word_is_stored_again_until_the_dht_confirms_it(swarm, m
     finally:
         for tracker in (repository, reader):
             tracker.close(timeout=5.0)
-
