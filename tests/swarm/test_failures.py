@@ -268,6 +268,17 @@ def test_a_forked_child_killed_inside_hiveminds_shared_bytes_lock_leaves_the_hos
         assert free == own_lock
 
 
+@pytest.mark.timeout(60)
+def test_p2pcolds_dht_process_has_a_shared_bytes_lock_of_its_own(swarm):
+    """The wiring of the test above: what the DHT process sets up first gives it its own lock."""
+    dht = swarm.start(1, fast_config())[0]
+    assert dht.run_coroutine(_shared_bytes_lock_handle) != SharedBytes._lock._semlock.handle
+
+
+async def _shared_bytes_lock_handle(_dht, _node) -> int:  # runs in the DHT process
+    return SharedBytes._lock._semlock.handle
+
+
 def _die_holding_the_shared_bytes_lock(own_lock: bool, held) -> None:
     if own_lock:
         _procs.own_shared_bytes_lock()
