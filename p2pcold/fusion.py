@@ -156,9 +156,9 @@ def aggregate_block(
     1. Contributors with a weight <= 0 (they receive without contributing) or non-finite values drop out.
     2. Weights are capped at `rule.weight_cap` x their median, then normalized.
     3. `mean`: the weighted mean. `trimmed_mean` (or `auto` with at least `robust_min_contributors`):
-       each row's distance from the per-value median is clipped to `rule.norm_clip` x the median
+       each row's distance from the per-value (lower) median is clipped to `rule.norm_clip` x the median
        distance; then, per value, the `trim_fraction` lowest and highest are dropped (at least one each
-       side) and the rest averaged with their weights.
+       side; of equal values, the first rows sort first) and the rest averaged with their weights.
     """
     values = values.to(torch.float64)
     finite = torch.isfinite(values).all(dim=1).tolist()
@@ -171,17 +171,38 @@ def aggregate_block(
     capped = bounded_weights([weights[i] for i in kept], rule.weight_cap)
     if not is_robust(rule, len(kept)):
         return (rows * capped[:, None]).sum(dim=0), excluded
-    # One sort per value serves the median and the trim; a second only when a row was clipped, since a
-    # row pulled in can change places with another (one sort is most of the rule's cost: it runs at
-    # every reducer of every boundary).
-    ordered, order = rows.sort(dim=0, stable=True)
-    clipped = clip_to_center(rows, ordered[(len(kept) - 1) // 2], rule.norm_clip)
-    if clipped is not None:
-        ordered, order = clipped.sort(dim=0, stable=True)
+    ranks = stable_ranks(rows)
+    clipped = clip_to_center(rows, value_of_rank(rows, ranks, (len(kept) - 1) // 2), rule.norm_clip)
+    if clipped is not None:  # a row pulled in can change places with another
+        rows, ranks = clipped, stable_ranks(clipped)
     trim = max(1, int(rule.trim_fraction * len(kept)))
-    middle = slice(trim, len(kept) - trim)
-    chosen_weights = capped[order[middle]]
-    return (ordered[middle] * chosen_weights).sum(dim=0) / chosen_weights.sum(dim=0), excluded
+    total, kept_weight = torch.zeros_like(rows[0]), torch.zeros_like(rows[0])
+    for row, rank, weight in zip(rows, ranks, capped.tolist()):
+        middle = ((rank >= trim) & (rank < len(kept) - trim)).to(rows.dtype)
+        total += middle * row * weight
+        kept_weight += middle * weight
+    return total / kept_weight, excluded
+
+
+def stable_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each value's place (0 = smallest) among its column's values, ties in row order: where a stable
+    sort along dim 0 puts it. Pairwise comparisons of whole rows: for the few rows of a group they are
+    a few times faster than sorting along dim 0 (the reducers run this at every boundary)."""
+    ranks = torch.zeros(rows.shape, dtype=torch.int32)
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            j_after_i = rows[j] >= rows[i]  # on a tie, the later row sorts after
+            ranks[j] += j_after_i
+            ranks[i] += ~j_after_i
+    return ranks
+
+
+def value_of_rank(rows: torch.Tensor, ranks: torch.Tensor, place: int) -> torch.Tensor:
+    """Per column, the value at `place` of the stable sort (`ranks` from `stable_ranks`)."""
+    chosen = torch.zeros_like(rows[0])
+    for row, rank in zip(rows, ranks):
+        chosen = torch.where(rank == place, row, chosen)
+    return chosen
 
 
 def is_robust(rule: AggregationConfig, contributors: int) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2pcold.config import AggregationConfig, ConfigError
-from p2pcold.fusion import BLOCK_VALUES, FusionError, aggregate, aggregate_block, average, bounded_weights
+from p2pcold.fusion import BLOCK_VALUES, FusionError, aggregate, aggregate_block, average, bounded_weights, clip_to_center
 
 AUTO = AggregationConfig()
 
@@ -40,6 +40,34 @@ def test_the_kept_values_keep_their_capped_weights():
     # five contributors (cap 4 x median 2 = 8, nothing clipped), trim one each side: 10, 20, 30 keep weights 1, 2, 1
     fused, _ = aggregate_block(column(0.0, 10.0, 20.0, 30.0, 40.0), [2.0, 1.0, 2.0, 1.0, 8.0], AUTO)
     assert fused.item() == pytest.approx((10 * 1 + 20 * 2 + 30 * 1) / 4)
+
+
+def sorted_trimmed_mean(rows: torch.Tensor, weights: list[float], rule: AggregationConfig) -> torch.Tensor:
+    """The trimmed rule written with a stable sort along the contributors (its definition)."""
+    capped = bounded_weights(weights, rule.weight_cap)
+    ordered = rows.sort(dim=0, stable=True).values
+    clipped = clip_to_center(rows, ordered[(len(rows) - 1) // 2], rule.norm_clip)
+    rows = rows if clipped is None else clipped
+    ordered, order = rows.sort(dim=0, stable=True)
+    trim = max(1, int(rule.trim_fraction * len(rows)))
+    middle = slice(trim, len(rows) - trim)
+    return (ordered[middle] * capped[order[middle]]).sum(dim=0) / capped[order[middle]].sum(dim=0)
+
+
+@pytest.mark.parametrize("contributors", [3, 4, 5, 8, 13])
+def test_the_trimmed_mean_keeps_what_a_stable_sort_keeps(contributors):
+    """Ties (values that no contributor changed, or that some share) are trimmed in row order, and a
+    far row is clipped first: the result is the sorted definition's, to float64 rounding."""
+    generator = torch.Generator().manual_seed(contributors)
+    rows = torch.randn(5000, generator=generator) + 1e-3 * torch.randn(contributors, 5000, generator=generator)
+    rows[:, :500] = 0.5
+    rows[: contributors // 2, 500:900] = 0.25
+    rows[-1, 1000:1100] *= 50.0
+    weights = torch.randint(1, 9, (contributors,), generator=generator).double().tolist()
+    rule = AggregationConfig(rule="trimmed_mean", trim_fraction=0.3)
+    rows = rows.double()
+    fused, _ = aggregate_block(rows, weights, rule)
+    torch.testing.assert_close(fused, sorted_trimmed_mean(rows, weights, rule), rtol=1e-14, atol=1e-15)
 
 
 def test_non_finite_contributions_and_zero_weights_are_left_out():
