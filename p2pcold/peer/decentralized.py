@@ -136,15 +136,16 @@ class DecentralizedPeer(SwarmPeer):
         last_start = end - (swarm.matchmaking_time + 1)
         wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
         attempts, failure, warned = 0, None, False
-        view, view_since = (), started  # the partners last decided on, and since when
+        view, view_since, view_read = (), started, 0.0  # the partners last decided on, since when, and the read that showed them
         seen: set[str] = set()  # every partner seen at this boundary: one DHT read that misses a record does not shrink the group
-        # A view must hold still this long before the peer plans from it: a Moshpit grid from a partial
-        # member list meets none of the others' cells, while one group only needs a read that missed no one.
-        settle_s = swarm.matchmaking_time if swarm.target_group_size is not None else swarm.poll_interval
+        # A view must hold through a second read before the peer plans from it, and for a Moshpit grid
+        # for a whole matchmaking window: a grid from a partial member list meets none of the others' cells.
+        settle_s = swarm.matchmaking_time if swarm.target_group_size is not None else 0.0
 
         self.stragglers = stragglers(self.stragglers, (), self.tracker.snapshot().peers)  # forgive those who arrived since
         while True:
-            peers = self.tracker.snapshot().peers
+            snapshot = self.tracker.snapshot()
+            peers = snapshot.peers
             decision = decide(i, peers, self.last_group, time.monotonic(), wait_until, last_start, self.stragglers)
             if isinstance(decision, Wait):
                 self.tracker.wait_for_update(swarm.poll_interval)
@@ -157,8 +158,11 @@ class DecentralizedPeer(SwarmPeer):
             if isinstance(decision, Fuse):
                 now = time.monotonic()
                 if decision.partners != view:
-                    view, view_since = decision.partners, now
-                if view_is_fresh(view_since, now, settle_s, wait_until):
+                    view, view_since, view_read = decision.partners, now, snapshot.taken_at
+                read_again = snapshot.taken_at > view_read
+                if view_is_fresh(view_since, now, settle_s, wait_until, read_again):
+                    if not read_again:
+                        self.tracker.refresh_soon()  # the second read need not wait for the next poll
                     self.tracker.wait_for_update(swarm.poll_interval)
                     continue
                 seen.update(decision.partners)

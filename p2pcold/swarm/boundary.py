@@ -99,11 +99,13 @@ def partners_at(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ...
     return tuple(sorted(p.dataset for p in peers if p.iteration == iteration and p.phase not in STILL_COMING and p.phase != Phase.DONE))
 
 
-def view_is_fresh(view_since: float, now: float, settle_s: float, wait_until: float) -> bool:
+def view_is_fresh(view_since: float, now: float, settle_s: float, wait_until: float, read_again: bool = True) -> bool:
     """Whether the partners seen at a boundary (unchanged since `view_since`) may still lack the records
-    of peers that arrived just before: worth waiting for, while the boundary's wait lasts, before a
-    plan of groups smaller than the swarm is made from them (another member list is another grid)."""
-    return now - view_since < settle_s and now < wait_until
+    of peers that arrived just before: worth waiting for, while the boundary's wait lasts, until the
+    view has held for `settle_s` and through a read after the one that first showed it (`read_again`).
+    A read can miss a record; a plan of groups smaller than the swarm needs a whole window, since
+    another member list is another grid."""
+    return now < wait_until and (now - view_since < settle_s or not read_again)
 
 
 def fused_peers(iteration: int, peers: Iterable[PeerProgress]) -> tuple[str, ...]:

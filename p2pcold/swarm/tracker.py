@@ -129,6 +129,10 @@ class SwarmTracker:
         self._last_publish = float("-inf")
         self._wake.set()
 
+    def refresh_soon(self) -> None:
+        """Read the DHT again now rather than at the next poll (e.g. to confirm a view once)."""
+        self._wake.set()
+
     def snapshot(self) -> SwarmSnapshot:
         return self._snapshot
 

@@ -121,6 +121,10 @@ def test_a_fresh_view_of_the_partners_is_waited_on_for_one_window_within_the_bou
     assert view_is_fresh(5.0, 6.0, 3.0, 10.0)  # seen for 1 s: a record may still be on its way
     assert not view_is_fresh(5.0, 8.5, 3.0, 10.0)  # unchanged for a whole window: plan
     assert not view_is_fresh(9.0, 10.5, 3.0, 10.0)  # past the boundary's wait: plan with what is there
+    # one group (settle_s=0): the view only has to hold through one more read
+    assert view_is_fresh(5.0, 5.1, 0.0, 10.0, read_again=False)
+    assert not view_is_fresh(5.0, 5.1, 0.0, 10.0, read_again=True)
+    assert view_is_fresh(5.0, 8.5, 3.0, 10.0, read_again=False)  # a window is not a second read
 
 
 def test_a_record_ahead_is_worth_a_moment_only_when_it_exists():

@@ -62,6 +62,21 @@ def test_trackers_see_each_other_and_a_failed_read_keeps_the_last_view(swarm, ca
 
 
 @pytest.mark.timeout(60)
+def test_a_read_asked_for_comes_before_the_next_poll(swarm):
+    """refresh_soon(): the boundary confirms a view with a second read at once, not one poll later."""
+    config = fast_config(poll_interval=30.0)
+    (node,) = swarm.start(1, config)
+    tracker = SwarmTracker(node, "soon", config, PeerProgress(peer_id(node), "sst2", 0, Phase.JOINING))
+    try:
+        first = wait_for(tracker, lambda s: s.taken_at > 0)
+        asked = time.time()
+        tracker.refresh_soon()
+        wait_for(tracker, lambda s: s.taken_at > asked > first.taken_at, timeout=10.0)  # the next poll is 30 s away
+    finally:
+        tracker.close(timeout=5.0)
+
+
+@pytest.mark.timeout(60)
 def test_the_repositorys_word_is_stored_again_until_the_dht_confirms_it(swarm, monkeypatch):
     """A store that the DHT does not confirm (its nearest nodes busy) is tried again within publish_timeout;
     one that never lands is one error line naming that timeout, in bounded time."""
