@@ -14,11 +14,14 @@ per-iteration evaluation stays small). Peer 3 runs at half speed. The same proce
 
 Per peer and iteration the phases are: training (finetune()'s own loop time), evaluation and copies
 (the rest of the contributor's call), waiting (from its arrival at the boundary until the last peer's
-arrival), averaging (from the last arrival until its fuse() returned: matchmaking, all-reduce, copies),
-checkpointing, and other (DHT progress reads, serving the new base). All timestamps are wall clock on
-one machine. Iterations of minutes cannot be run here, so (b) is measured at short lengths and
-extrapolated with the model: utilisation(T) = T / (T + O), O = the measured per-iteration overhead,
-which does not grow with T for a time budget (checked by measuring two lengths).
+arrival), averaging (from the last arrival until its fuse() returned), checkpointing, and other (DHT
+progress reads, serving the new base). Averaging is split further: deciding (until the peer's records
+show everyone there and it calls fuse()), matchmaking (until its group's all-reduce began), the
+all-reduce (until this member's reduce ended), verdicts (until every member's verdict was read) and
+copies (until fuse() returned). All timestamps are wall clock on one machine. Iterations of minutes
+cannot be run here, so (b) is measured at short lengths and extrapolated with the model:
+utilisation(T) = T / (T + O), O = the measured per-iteration overhead, which does not grow with T for
+a time budget (checked by measuring two lengths).
 """
 
 from __future__ import annotations
@@ -121,12 +124,14 @@ def analyse(plan: list[dict], records: list[list[dict]]) -> dict:
                 "checkpoint": r.get("checkpoint_s", 0.0),
             }
             phases["other"] = total - sum(phases.values())
+            averaging = averaging_split(r, last_arrival)
             peers.append(
                 {
                     "rank": rank,
                     "slow": rank == SLOW_RANK,
                     "total_s": total,
                     "seconds": phases,
+                    "averaging_s": averaging,
                     "fraction": {k: v / total for k, v in phases.items()},
                     "examples": r["examples"],
                     "steps": r["steps"],
@@ -142,6 +147,7 @@ def analyse(plan: list[dict], records: list[list[dict]]) -> dict:
         fast = [p for it in its for p in it["peers"] if not p["slow"]]
         slow = [p for it in its for p in it["peers"] if p["slow"]]
         every = fast + slow
+        splits = [p["averaging_s"] for p in every if p["averaging_s"]]
 
         def frac(group, key):
             return median(p["fraction"][key] for p in group)
@@ -167,6 +173,7 @@ def analyse(plan: list[dict], records: list[list[dict]]) -> dict:
             "examples_fast": median(p["examples"] for p in fast),
             "examples_slow": median(p["examples"] for p in slow),
             "group_sizes": sorted({p["group_size"] for p in every}),
+            "averaging_split_s": {part: median(s[part] for s in splits) for part in AVERAGING_PARTS} if splits else {},
         }
 
     fixed = [it for it in iterations if it["mode"] == "a"]
@@ -182,6 +189,19 @@ def analyse(plan: list[dict], records: list[list[dict]]) -> dict:
     }
     out["model"] = extrapolate(out)
     return out
+
+
+AVERAGING_PARTS = ("deciding", "matchmaking", "all-reduce", "verdicts", "copies")
+
+
+def averaging_split(record: dict, last_arrival: float) -> dict:
+    """One peer's averaging phase (last arrival -> fuse() returned) in AVERAGING_PARTS; {} without the
+    times of the attempt that fused."""
+    times = record.get("allreduce")
+    if not times or "fuse_call" not in record:
+        return {}
+    marks = [last_arrival, max(last_arrival, record["fuse_call"]), times["began"], times["reduced"], times["agreed"], record["fused"]]
+    return {part: end - start for part, start, end in zip(AVERAGING_PARTS, marks, marks[1:])}
 
 
 def extrapolate(out: dict) -> dict:
@@ -205,6 +225,12 @@ def extrapolate(out: dict) -> dict:
     model["boundary_overhead_s"] = o_b
     model["finetune_call_at_120s"] = 120.0 / (120.0 + o_b)
     model["finetune_call_length_for_97pct_s"] = 97.0 / 3.0 * o_b
+    overlapped = [s["averaging_split_s"] for s in out["time_budget_overlapped"].values() if s["averaging_split_s"]]
+    if overlapped:  # the floor: what the all-reduce alone would leave at 2-minute iterations
+        allreduce = median(s["all-reduce"] for s in overlapped)
+        model["overlapped_allreduce_s"] = allreduce
+        model["allreduce_alone_at_120s"] = 120.0 / (120.0 + allreduce)
+    model["overhead_s_for_97pct_at_120s"] = 120.0 * 3.0 / 97.0
     f = out["fixed_work"]
     o_fixed = f["overhead_s_excluding_wait"]
     model["fixed_work_fast_at_120s"] = 120.0 / (2 * 120.0 + o_fixed)  # the slow peer takes 2 x 120 s

@@ -7,8 +7,10 @@ swarm (SwarmConfig fields).
 
 After setup it replies {maddrs}; on {"cmd": "train", "start_at": T} it trains from wall time T and
 replies with one record per iteration: wall-clock timestamps of the iteration start, of arriving at
-the boundary (calling fuse), of the fusion's end and of the iteration end, plus the training-loop
-seconds `finetune()` itself reports. The coordinator turns them into fractions.
+the boundary, of calling fuse, of the fusion's end and of the iteration end, plus the training-loop
+seconds `finetune()` itself reports. The coordinator turns them into fractions. From inside hivemind's
+averager process (`AveragerClock`) come the times at which the group's all-reduce began, its reduce
+ended and the members' verdicts agreed.
 
 A "slow" peer runs at half speed: a forward pre-hook on the body sleeps, before each forward pass,
 as long as the previous step's real work took (so every step, training or evaluation, takes 2x).
@@ -21,12 +23,49 @@ import os
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
 from benchmarks.common import peak_rss_mib, reply, serve, tree_pss_mib, wait_until
 from p2pcold.config import Budget, FinetuneConfig, RunConfig, SwarmConfig
 from p2pcold.peer import DecentralizedPeer
 from p2pcold.swarm import visible_maddrs
+from p2pcold.swarm.averaging import _SwarmAverager
+
+
+class AveragerClock:
+    """Wall-clock times of each all-reduce attempt, taken in the averager process (a forked child of
+    the peer): {"began", "reduced", "agreed"} (the group was assembled and its all-reduce began; this
+    member's reduce ended; every member's verdict was read, or the attempt failed), one JSON line per
+    attempt in `path`, which the peer reads after each fuse()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.read_lines = path, 0
+        run, reduce = _SwarmAverager._run_allreduce_inplace_, _SwarmAverager._reduce
+        clock = self
+
+        async def timed_run(averager, *args, **kwargs):
+            averager.attempt_times = {"began": time.time()}
+            try:
+                return await run(averager, *args, **kwargs)
+            finally:
+                averager.attempt_times["agreed"] = time.time()
+                with open(clock.path, "a") as f:
+                    f.write(json.dumps(averager.attempt_times) + "\n")
+
+        async def timed_reduce(averager, *args, **kwargs):
+            try:
+                return await reduce(averager, *args, **kwargs)
+            finally:
+                averager.attempt_times["reduced"] = time.time()
+
+        _SwarmAverager._run_allreduce_inplace_, _SwarmAverager._reduce = timed_run, timed_reduce
+
+    def new_attempts(self) -> list[dict]:
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        new, self.read_lines = lines[self.read_lines :], len(lines)
+        return [json.loads(line) for line in new]
 
 
 class HalfSpeed:
@@ -54,6 +93,7 @@ class TimedPeer(DecentralizedPeer):
     def __init__(self, *args, schedule: list[dict], slow: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule, self.slow = schedule, slow
+        self.clock = AveragerClock(self.run_dir / "allreduce-times.jsonl")  # before setup() forks the averager
         self.records: list[dict] = []
         self.halfspeed = HalfSpeed() if slow else None
 
@@ -90,9 +130,13 @@ class TimedPeer(DecentralizedPeer):
 
     def _fuse(self, *args, **kwargs):
         self.record.setdefault("fuse_calls", 0)
+        self.record.setdefault("fuse_call", time.time())
         self.record["fuse_calls"] += 1
         result = super()._fuse(*args, **kwargs)
         self.record.update(fused=time.time(), group_size=result.group_size, status=result.status.value, total_weight=result.total_weight)
+        attempts = self.clock.new_attempts()
+        if result.ok and attempts and "reduced" in attempts[-1]:
+            self.record["allreduce"] = attempts[-1]  # the attempt that fused
         return result
 
     def _record_dev_accuracy(self, *args, **kwargs):
