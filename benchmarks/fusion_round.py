@@ -11,7 +11,8 @@ at the same wall-clock instant. Variants, interleaved (rotating order) in the sa
   timeouts, nothing around it (baseline a).
 * `gloo`: `torch.distributed.all_reduce` of the same values as one flat fp32 buffer (baseline b).
 * `p2pcold-fp16`, `p2pcold-8bit`: the boundary step with wire compression (MiniLM only); for these,
-  rank 0 also measures the error the compression adds against the exact `p2pcold.fusion.average`.
+  rank 0 also measures the error the compression adds against the exact `p2pcold.fusion.aggregate`
+  (the run's rule, which the reducers compute).
 
 A round's time is the slowest peer's (the round is over when every peer holds the average). One
 untimed warm-up round per variant opens the connections; the rest are timed.

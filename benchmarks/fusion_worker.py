@@ -5,7 +5,7 @@ Usage: python -m benchmarks.fusion_worker '<json options>'. Options: rank, world
 
 The peer holds θ0 (MiniLM's real weights, or a seeded random RoBERTa-base-size body) and its
 "finetuned" body θ0 + δ_rank, δ ~ N(0, delta_std²) seeded by rank, so every process can rebuild any
-peer's body (rank 0 does, to compare the fused weights with the exact `p2pcold.fusion.average`).
+peer's body (rank 0 does, to compare the fused weights with the exact `p2pcold.fusion.aggregate`).
 
 Commands (JSON lines; replies prefixed "@@ "):
   ready      -> {maddrs}                         (sent unprompted after start-up)
@@ -14,7 +14,7 @@ Commands (JSON lines; replies prefixed "@@ "):
                                                  group of ranks 0..group-1
   close      {variants}                          shut them down
   round      {variant, index, start_at, check}   one timed round, started at wall time `start_at`;
-                                                 check: then |fused - exact average| (fusion.average)
+                                                 check: then |fused - exact fusion| (fusion.aggregate)
   wire       {compressions}                      serialized bytes of one full vector per compression
   memory     -> peak RSS of this process, current PSS of its process tree
 """
@@ -33,7 +33,7 @@ from benchmarks.common import peak_rss_mib, reply, serve, tree_pss_mib, wait_unt
 torch.set_num_threads(1)  # up to 8 peers share 2 cores
 
 from p2pcold.config import SwarmConfig  # noqa: E402
-from p2pcold.fusion import average  # noqa: E402
+from p2pcold.fusion import aggregate  # noqa: E402
 from p2pcold.model import load_body, load_body_state  # noqa: E402
 from p2pcold.swarm import BodyAverager, make_compression, start_dht, stop_dht, visible_maddrs  # noqa: E402
 
@@ -271,9 +271,10 @@ class FusionPeer:
     # ---------------------------------------------------------------- checks
 
     def error(self) -> dict:
-        """Max and mean |fused - exact| over all values, against p2pcold.fusion.average of every body."""
+        """Max and mean |fused - exact| over all values, against p2pcold.fusion.aggregate of every body
+        (the default rule, as the averagers here: a trimmed mean from 4 bodies)."""
         bodies = [perturbed(self.theta0, r, self.o["delta_std"]) for r in range(self.group)]
-        exact = average(bodies)
+        exact = aggregate(bodies)
         del bodies
         fused = {k: v for k, v in self.model.state_dict().items() if k in exact}
         max_err, abs_sum, delta_abs_sum = 0.0, 0.0, 0.0
@@ -285,7 +286,7 @@ class FusionPeer:
         return {
             "max_abs_error": max_err,
             "mean_abs_error": abs_sum / self.numel,
-            "mean_abs_update": delta_abs_sum / self.numel,  # |exact average - θ0|: how far fusion moves
+            "mean_abs_update": delta_abs_sum / self.numel,  # |exact fusion - θ0|: how far fusion moves
         }
 
     def wire(self, compressions: list[str]) -> dict:

@@ -199,7 +199,7 @@ def fusion(results: dict) -> str:
                 ],
             ),
             "",
-            "Errors: |fused − `p2pcold.fusion.average`| over every value, after loading into the model. "
+            "Errors: |fused − `p2pcold.fusion.aggregate`| (the run's rule, computed in one process) over every value, after loading into the model. "
             "Bytes per vector: hivemind's serialized parts (512 KiB each) of the whole body; sent per peer = 2 (n−1)/n × that. "
             "Measured I/O: bytes through read/write syscalls of the peer's hivemind averager process (to and from its p2pd).",
         ]
