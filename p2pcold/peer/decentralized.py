@@ -136,7 +136,7 @@ class DecentralizedPeer(SwarmPeer):
         last_start = end - (swarm.matchmaking_time + 1)
         wait_until = end - max(swarm.boundary_deadline / 2, swarm.matchmaking_time + 1)
         attempts, failure, warned = 0, None, False
-        view, view_since, view_read = (), started, 0.0  # the partners last decided on, since when, and the read that showed them
+        view, view_since, view_read = (), started, None  # the partners last decided on, since when, and the read (snapshot) that showed them
         seen: set[str] = set()  # every partner seen at this boundary: one DHT read that misses a record does not shrink the group
         # A view must hold through a second read before the peer plans from it, and for a Moshpit grid
         # for a whole matchmaking window: a grid from a partial member list meets none of the others' cells.
@@ -158,8 +158,8 @@ class DecentralizedPeer(SwarmPeer):
             if isinstance(decision, Fuse):
                 now = time.monotonic()
                 if decision.partners != view:
-                    view, view_since, view_read = decision.partners, now, snapshot.taken_at
-                read_again = snapshot.taken_at > view_read
+                    view, view_since, view_read = decision.partners, now, snapshot
+                read_again = snapshot is not view_read  # each read is a new snapshot; a failed one keeps the last
                 if view_is_fresh(view_since, now, settle_s, wait_until, read_again):
                     if not read_again:
                         self.tracker.refresh_soon()  # the second read need not wait for the next poll
