@@ -44,7 +44,6 @@ class AveragerClock:
         self.path, self.read_lines = path, 0
         path.parent.mkdir(parents=True, exist_ok=True)
         run, reduce = _SwarmAverager._run_allreduce_inplace_, _SwarmAverager._reduce
-        clock = self
 
         async def timed_run(averager, *args, **kwargs):
             averager.attempt_times = {"began": time.time()}
@@ -52,7 +51,7 @@ class AveragerClock:
                 return await run(averager, *args, **kwargs)
             finally:
                 averager.attempt_times["agreed"] = time.time()
-                with contextlib.suppress(OSError), open(clock.path, "a") as f:  # a timer never fails the all-reduce
+                with contextlib.suppress(OSError), open(path, "a") as f:  # a timer never fails the all-reduce
                     f.write(json.dumps(averager.attempt_times) + "\n")
 
         async def timed_reduce(averager, *args, **kwargs):
