@@ -19,6 +19,7 @@ log = get_logger("cli")
 EXIT_BAD_INPUT = 2
 VOLUNTEER_HOST = "0.0.0.0"  # `p2pcold peer` listens on every interface unless told otherwise
 EXIT_INTERRUPTED = 130
+INVITE_FILE_ENV = "P2PCOLD_INVITE_FILE"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -40,12 +41,17 @@ def _config_for(args: argparse.Namespace, needs_datasets: bool = True, **flags: 
     (`flags`: option name -> dotted config key), all validated the same way."""
     from p2pcold.config import load_config
 
+    return load_config(args.config, _overrides(args, flags), needs_datasets=needs_datasets)
+
+
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """`--set`, then the command's own options (`flags`: option name -> dotted config key)."""
     overrides = parse_overrides(args.set)
     for option, key in flags.items():
         value = getattr(args, option, None)
         if value is not None:
             overrides[key] = value
-    return load_config(args.config, overrides, needs_datasets=needs_datasets)
+    return overrides
 
 
 def _check_before_loading(recipes: list[str], models: list[str]) -> None:
@@ -156,30 +162,82 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- swarm
 
 
+SWARM_FLAGS = {  # a swarm command's option -> the config field it sets
+    "run_id": "run_id",
+    "host": "swarm.host",
+    "port": "swarm.port",
+    "identity": "swarm.identity_path",
+    "announce": "swarm.announce_maddrs",
+    "reachability": "swarm.reachability",
+    "relay": "swarm.relay",
+}
+
+
 def _swarm_run_config(args: argparse.Namespace):
+    """A swarm command's config from its file (or the defaults), `--set` and flags; no network."""
+    _take_invite(args)
     if args.command in ("peer", "status", "monitor") and not args.initial_peers:
         raise P2PColdError(
             f"{args.command}: --initial-peers is required: the multiaddr of a bootstrap node or of any peer of the run "
-            "(`p2pcold bootstrap` prints it)"
+            "(`p2pcold bootstrap` prints it), or an --invite-file"
         )
-    flags = {
-        "run_id": "run_id", "host": "swarm.host", "port": "swarm.port", "identity": "swarm.identity_path",
-        "announce": "swarm.announce_maddrs", "reachability": "swarm.reachability", "relay": "swarm.relay",
-    }  # fmt: skip
     # The Repository samples from the run's datasets; a peer or a status query needs only the settings.
-    config = _config_for(args, needs_datasets=getattr(args, "repository", False), **flags)
+    config = _config_for(args, needs_datasets=getattr(args, "repository", False), **SWARM_FLAGS)
+    _volunteer_host(args, config)
+    return config
+
+
+def _volunteer_host(args: argparse.Namespace, config) -> None:
     if args.command == "peer" and "host" not in config.swarm.model_fields_set:
         config.swarm.host = VOLUNTEER_HOST  # neither the config nor a flag chose: a volunteer on a real network
+
+
+def _take_invite(args: argparse.Namespace) -> None:
+    """`--invite-file` (or $P2PCOLD_INVITE_FILE): the swarm's addresses, run id and secret, as `args.invite`."""
+    args.invite = None
+    path = getattr(args, "invite_file", None) or os.environ.get(INVITE_FILE_ENV)
+    if not path:
+        return
+    if args.secret_file:
+        raise P2PColdError("give --invite-file or --secret-file, not both: an invite holds the run's secret")
+    from p2pcold.swarm.invite import read_invite
+
+    args.invite = read_invite(path)
+    if args.run_id not in (None, args.invite.run_id):
+        raise P2PColdError(f"--run-id {args.run_id}: the invite is to run {args.invite.run_id!r}")
+    args.run_id = args.invite.run_id
+    args.initial_peers = args.initial_peers or list(args.invite.peers)
+
+
+def _secret(args: argparse.Namespace):
+    """The run secret of a swarm command: its invite's, else --secret-file / the environment's (None: open)."""
+    from p2pcold.swarm.auth import load_secret
+
+    invite = getattr(args, "invite", None)
+    return invite.secret if invite is not None else load_secret(args.secret_file)
+
+
+def _config_from_swarm(args: argparse.Namespace, local, secret):
+    """The config the run's owner published in the DHT, with this volunteer's `--set` and flags on top.
+    `local` (the defaults, `--set` and flags alone) gives the settings of the node that reads it."""
+    from p2pcold.config import config_summary, load_published_config
+    from p2pcold.swarm.run_config import fetch_run_config
+
+    published = fetch_run_config(args.initial_peers, local.run_id, secret, local.swarm)
+    config = load_published_config(published, _overrides(args, SWARM_FLAGS), where="the swarm's run config")
+    _volunteer_host(args, config)
+    log.info("run config from the swarm: %s", config_summary(config))
     return config
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)  # before torch and hivemind are imported: bad input fails fast
+    secret = _secret(args)
+    if args.config is None:
+        config = _config_from_swarm(args, config, secret)
 
     from p2pcold.peer import CentralizedPeer, DecentralizedPeer
-    from p2pcold.swarm.auth import load_secret
 
-    secret = load_secret(args.secret_file)
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     protocol = CentralizedPeer if args.centralized else DecentralizedPeer
     peer = protocol(
@@ -202,15 +260,16 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)
 
     from p2pcold.swarm import run_record_validators, start_dht, stop_dht, visible_maddrs
-    from p2pcold.swarm.auth import load_secret
     from p2pcold.swarm.reachability import serve_dial_back
+    from p2pcold.swarm.run_config import REPUBLISH_EVERY_S, publish_run_config
 
-    secret = load_secret(args.secret_file)
+    secret = _secret(args)
     raise_on_sigterm()
     dht = start_dht(config.swarm, args.initial_peers, secret=secret, record_validators=run_record_validators(config.run_id, config.iterations))
     repository = None
     try:
         serve_dial_back(dht, config.swarm)
+        publish_run_config(dht, config)  # volunteers then join with an address (or an invite) alone
         maddrs = visible_maddrs(dht, config.swarm.local_rpc_timeout)
         print("bootstrap node up; peers join with:", flush=True)
         for maddr in maddrs:
@@ -226,7 +285,11 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             print(f"Repository: run {config.run_id} complete at iteration {repository.iteration}", flush=True)
         else:
             while True:  # serve until SIGTERM or Ctrl-C
-                time.sleep(3600)
+                time.sleep(REPUBLISH_EVERY_S)
+                try:
+                    publish_run_config(dht, config)
+                except P2PColdError as e:  # the record lives identity_ttl: the next hour's try is in time
+                    log.warning("%s; trying again in %.0f s", e, REPUBLISH_EVERY_S)
     except (Terminated, KeyboardInterrupt):
         log.info("stopping the bootstrap node")
     finally:
@@ -244,10 +307,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise P2PColdError(f"status: --interval {args.interval}: must be greater than 0")
 
     from p2pcold.swarm import read_progress, run_record_validators, start_dht, stop_dht
-    from p2pcold.swarm.auth import load_secret
 
     validators = run_record_validators(config.run_id, config.iterations)
-    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=load_secret(args.secret_file), record_validators=validators)
+    dht = start_dht(config.swarm, args.initial_peers, client_mode=True, secret=_secret(args), record_validators=validators)
     try:
         records = read_progress(dht, config.run_id, config.swarm.dht_request_timeout, config.iterations)
         if args.json:
@@ -309,9 +371,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise P2PColdError(f"monitor: --port {args.web_port}: must be between 0 and 65535")
 
     from p2pcold.monitor import Monitor, MonitorOptions
-    from p2pcold.swarm.auth import load_secret
 
-    secret = load_secret(args.secret_file)
+    secret = _secret(args)
     options = MonitorOptions(
         host=args.web_host, port=args.web_port, evaluate=args.evaluate, log_dir=args.log_dir, push_to_hub=args.push_to_hub, device=args.device
     )
@@ -327,6 +388,36 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     finally:
         monitor.cleanup()
     return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    config = _swarm_run_config(args)
+    peers = args.initial_peers or _maddrs_in(args.maddrs_file)
+    if not peers:
+        raise P2PColdError("invite: give the swarm's public addresses: --initial-peers ADDR... or --maddrs-file FILE")
+
+    from p2pcold.swarm.invite import Invite, write_invite
+
+    secret = _secret(args)
+    if secret is None:
+        raise P2PColdError(
+            "invite: an invite carries the run secret: pass --secret-file (an open swarm needs none; give its address)"
+        )
+    write_invite(args.output, Invite(config.run_id, tuple(dict.fromkeys(peers)), secret))
+    print(
+        f"wrote an invite to run {config.run_id} ({len(peers)} address(es)) to {args.output}: it holds the run secret, "
+        "so send it only to the volunteers you trust, over a private channel"
+    )
+    return 0
+
+
+def _maddrs_in(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        return Path(path).read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise P2PColdError(f"{path}: cannot read the addresses ({getattr(e, 'strerror', None) or e})") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -402,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddrs of peers to join through")
         p.add_argument("--run-id", help="which run to join (default: the config's run_id)")
         add_secret_option(p)
+        p.add_argument(
+            "--invite-file",
+            metavar="FILE",
+            help="an invite from the run's operator (`p2pcold invite`): the swarm's addresses, the run id and "
+            "the secret; a peer then needs no --config (default: $P2PCOLD_INVITE_FILE)",
+        )
         add_set_option(p, "swarm.compression=fp16")
 
     def address_options(p: argparse.ArgumentParser, default_host: str) -> None:
@@ -445,6 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--repository", action="store_true", help="also act as the paper's Repository (centralized mode)")
     bootstrap.add_argument("--run-dir", help="the Repository's checkpoints (default: runs/repository)")
     bootstrap.set_defaults(func=cmd_bootstrap)
+
+    invite = sub.add_parser(
+        "invite",
+        help="write an invite file: one line that lets a volunteer join a private run",
+        description="Run by the operator, who holds the run secret. Writes the swarm's addresses, the run id and "
+        "the secret as one line to a file only you can read (mode 600). A volunteer joins with "
+        "`p2pcold peer --dataset X --invite-file FILE` and nothing else: the run config comes from the swarm.",
+    )
+    swarm_options(invite)
+    invite.add_argument("--maddrs-file", help="the addresses a bootstrap wrote (`p2pcold bootstrap --maddrs-file`)")
+    invite.add_argument("--output", required=True, help="the invite file to write (mode 600)")
+    invite.set_defaults(func=cmd_invite)
 
     status = sub.add_parser("status", help="show the swarm's live peers and their progress")
     swarm_options(status)

@@ -9,6 +9,7 @@ error is one line naming the field, the value, what is allowed and, for a YAML f
 from __future__ import annotations
 
 import codecs
+import copy
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -619,3 +620,69 @@ def run_contract(config) -> dict:
             value = getattr(value, part)
         contract[name] = value
     return contract
+
+
+# --------------------------------------------------------------------------- the run config a swarm publishes
+
+# Fields that belong to one node, not to the run: where it listens, its key, its folders and threads.
+# The config a run's owner publishes leaves them out, and a volunteer sets them with flags.
+NODE_FIELDS = (
+    "output_dir",
+    "keep_checkpoints",
+    "simulate",
+    "finetune.num_threads",
+    "swarm.host",
+    "swarm.port",
+    "swarm.announce_maddrs",
+    "swarm.identity_path",
+    "swarm.reachability",
+    "swarm.relay",
+)
+
+
+def published_config(config: RunConfig) -> dict:
+    """What a run's owner publishes in the DHT: every field of `config` but the NODE_FIELDS."""
+    data = to_dict(config)
+    for name in NODE_FIELDS:
+        *parents, last = name.split(".")
+        section = data
+        for part in parents:
+            section = section[part]
+        section.pop(last)
+    return data
+
+
+def load_published_config(data: dict, overrides: dict, where: str) -> RunConfig:
+    """A run config from the record a swarm published, with this node's `overrides` on top.
+
+    Overrides are checked like `--set` on a file; one that changes a run-contract field is refused,
+    naming it: the swarm would refuse this peer at join for the same reason, after a model load."""
+    published = from_dict(RunConfig, data, where=where)
+    lines: dict[tuple, str] = {}
+    data = copy.deepcopy(data)  # fields it leaves out stay unset: a peer's defaults (its host) still apply
+    apply_overrides(data, overrides, lines)
+    config = from_dict(RunConfig, data, where=where, lines=lines)
+    validate_run_config(config, needs_datasets=False)
+    mine, theirs = run_contract(config), run_contract(published)
+    changed = [name for name in CONTRACT_FIELDS if mine[name] != theirs[name]]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"--set {name}={mine[name]!r}: {name} is part of the run contract ({where} has {theirs[name]!r}); "
+            "a volunteer may change only what is theirs (device, budget, threads, folders, addresses)"
+        )
+    return config
+
+
+def config_summary(config: RunConfig) -> str:
+    """One line with what a volunteer cares about in a run config."""
+    finetune, budget = config.finetune, config.finetune.budget
+    limits = [f"{value} {name}" for name, value in budget.model_dump().items() if value is not None]
+    layers = f" ({config.num_hidden_layers} layers)" if config.num_hidden_layers else ""
+    return (
+        f"run {config.run_id}: model {config.model}{layers}, {config.iterations} iterations, "
+        f"finetuning {' / '.join(limits)} per iteration at lr {finetune.learning_rate:g}, "
+        f"batch {finetune.batch_size}, max {finetune.max_length} tokens, {finetune.precision}; "
+        f"fusion {config.fusion.method}, aggregation {config.aggregation.rule}, "
+        f"compression {config.swarm.compression}"
+    )

@@ -292,6 +292,27 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
     config = run_config(path)
     cases["secret file too short"] = Case(["simulate", str(config), "--secret-file", str(path / "run.secret")], "at least 16")
 
+    # ---- invites (issue 23)
+    path = folder("invite readable by others")
+    (path / "invite.txt").write_text("p2pcold-invite-1:e30=\n")
+    (path / "invite.txt").chmod(0o644)
+    cases["invite readable by others"] = Case(["peer", "--dataset", str(recipe), "--invite-file", str(path / "invite.txt")], "chmod 600 ")
+    path = folder("invite damaged")
+    (path / "invite.txt").write_text("p2pcold-invite-1:not base64 at all\n")
+    (path / "invite.txt").chmod(0o600)
+    cases["invite damaged"] = Case(["status", "--invite-file", str(path / "invite.txt")], "the invite is damaged")
+    path = folder("invite and secret file")
+    (path / "invite.txt").write_text("whatever\n")
+    (path / "invite.txt").chmod(0o600)
+    cases["invite and secret file"] = Case(
+        ["peer", "--dataset", str(recipe), "--invite-file", str(path / "invite.txt"), "--secret-file", str(path / "run.secret")],
+        "give --invite-file or --secret-file, not both",
+    )
+    path = folder("invite of an open swarm")
+    cases["invite of an open swarm"] = Case(
+        ["invite", "--initial-peers", somewhere, "--output", str(path / "invite.txt")], "an invite carries the run secret"
+    )
+
     # ---- signals
     path = folder("sigterm local")
     config = run_config(path, iterations=50, finetune={"batch_size": 8, "max_length": 16, "budget": {"steps": 50}})

@@ -64,6 +64,10 @@ class RunSecret:
             digest.update(part)
         return digest.digest()
 
+    def reveal(self) -> bytes:
+        """The secret itself: only for writing it into an invite file that its owner alone can read."""
+        return self._value
+
     def __repr__(self) -> str:
         return "RunSecret(<hidden>)"
 
@@ -78,22 +82,29 @@ def new_secret_text() -> str:
     return os.urandom(32).hex()
 
 
-def read_secret_file(path: str | Path) -> RunSecret:
-    """The secret in `path` (surrounding whitespace ignored). The file must be readable by its owner only."""
+def read_private_file(path: str | Path, what: str) -> bytes:
+    """The bytes of `path` (surrounding whitespace stripped), which must be readable by its owner only:
+    a secret, or an invite that holds one."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
         if not stat.S_ISREG(mode):
-            raise P2PColdError(f"{path}: the secret file is not a regular file")
+            raise P2PColdError(f"{path}: the {what} is not a regular file")
         if mode & 0o077:
-            raise P2PColdError(f"{path}: the secret file is readable by others (mode {mode & 0o777:o}); run: chmod 600 {path}")
+            raise P2PColdError(f"{path}: the {what} is readable by others (mode {mode & 0o777:o}); run: chmod 600 {path}")
         value = path.read_bytes().strip()
     except FileNotFoundError:
-        raise P2PColdError(f"{path}: no such secret file") from None
+        raise P2PColdError(f"{path}: no such {what}") from None
     except OSError as e:
-        raise P2PColdError(f"{path}: cannot read the secret file ({e.strerror or e})") from None
+        raise P2PColdError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     if not value:
-        raise P2PColdError(f"{path}: the secret file is empty")
+        raise P2PColdError(f"{path}: the {what} is empty")
+    return value
+
+
+def read_secret_file(path: str | Path) -> RunSecret:
+    """The secret in `path` (surrounding whitespace ignored). The file must be readable by its owner only."""
+    value = read_private_file(path, "secret file")
     if len(value) < MIN_SECRET_BYTES:
         raise P2PColdError(f"{path}: the secret is {len(value)} bytes; it needs at least {MIN_SECRET_BYTES} (e.g. openssl rand -hex 32)")
     return RunSecret(value)

@@ -254,7 +254,7 @@ def start_dht(
             raise P2PColdError(f"swarm: could not start a DHT node for {where} within {bound:.0f} s")
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if initial and "bootstrap" in reason.lower():
-            hint = "a private swarm answers only holders of its secret: check --secret-file" if secret else "if the swarm is private, pass its --secret-file"
+            hint = "a private swarm answers only holders of its secret: check --secret-file or the invite" if secret else "if the swarm is private, pass its --secret-file"
             raise P2PColdError(f"swarm: none of the initial peers answered ({', '.join(initial)}; {hint}): {reason}")
         raise P2PColdError(f"swarm: could not start a DHT node for {where}: {reason}")
     daemons.update(_procs.children(dht.pid, "p2pd"))

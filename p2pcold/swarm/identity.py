@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -25,7 +24,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.config import SwarmConfig, validate_swarm_config
-from p2pcold.swarm.records import dataclass_from_record, owner_peer_id, put_record, record_owner, warn_bad_record
+from p2pcold.swarm.records import SHA256_HEX, dataclass_from_record, owner_peer_id, put_record, record_owner, warn_bad_record
 from p2pcold.utils import P2PColdError, get_logger, state_dict_hash
 
 logger = get_logger(__name__)
@@ -120,11 +119,11 @@ class RunIdentity:
         checks = {
             "run_id": 0 < len(self.run_id) <= MAX_TEXT,
             "base_model": len(self.base_model) <= MAX_TEXT,
-            "body_hash": HASH.fullmatch(self.body_hash) is not None,
-            "schema_hash": HASH.fullmatch(self.schema_hash) is not None,
+            "body_hash": SHA256_HEX.fullmatch(self.body_hash) is not None,
+            "schema_hash": SHA256_HEX.fullmatch(self.schema_hash) is not None,
             "founder": len(self.founder) <= MAX_TEXT,
             "created_at": not isinstance(self.created_at, bool) and math.isfinite(self.created_at) and self.created_at >= 0,
-            "contract_hash": self.contract_hash == "" or HASH.fullmatch(self.contract_hash) is not None,
+            "contract_hash": self.contract_hash == "" or SHA256_HEX.fullmatch(self.contract_hash) is not None,
             "contract": len(json.dumps(self.contract, default=str)) <= MAX_CONTRACT_CHARS,
         }
         return [name for name, ok in checks.items() if not ok]
@@ -135,7 +134,6 @@ class RunIdentity:
 
 MAX_TEXT = 1000  # chars of a run id, model name or peer id in an identity record
 MAX_CONTRACT_CHARS = 20_000  # the run contract as JSON
-HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def identity_record_problem(subkey: object, value: object) -> str | None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import hivemind
 
-from p2pcold.swarm.records import dataclass_from_record, get_records, owner_peer_id, put_record, record_owner, warn_bad_record
+from p2pcold.swarm.records import SHA256_HEX, dataclass_from_record, get_records, owner_peer_id, put_record, record_owner, warn_bad_record
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
@@ -103,7 +102,7 @@ class PeerProgress:
             "fusion_seconds": _metric(self.fusion_seconds, 0.0, math.inf),
             "trained_iteration": self.trained_iteration is None or _integer(self.trained_iteration, 0, MAX_ITERATION),
             "mode": self.mode in _MODES,
-            "body_hash": self.body_hash is None or (isinstance(self.body_hash, str) and HASH.fullmatch(self.body_hash) is not None),
+            "body_hash": self.body_hash is None or (isinstance(self.body_hash, str) and SHA256_HEX.fullmatch(self.body_hash) is not None),
         }
         return [name for name, ok in checks.items() if not ok]
 
@@ -113,7 +112,6 @@ MAX_ITERATION = 2**32 - 1  # the group key's 32 bits (averaging.ITERATION_BITS);
 MAX_ID_CHARS, MAX_NAME_CHARS, MAX_ERROR_CHARS = 100, 200, 600
 MAX_GROUP = 1024
 MAX_ATTEMPTS = 10**6
-HASH = re.compile(r"[0-9a-f]{64}")
 _PHASES = frozenset(p.value for p in Phase)
 _OUTCOMES = frozenset(o.value for o in FusionOutcome)
 _MODES = frozenset(("public", "client"))  # reachability.Mode values (that module sits above this one)

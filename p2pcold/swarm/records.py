@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from p2pcold.utils import P2PColdError, get_logger
 logger = get_logger(__name__)
 
 STORE_RETRY_PAUSE_S = 0.5  # between the tries of a store that must land (put_record's retry_until)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # how records carry a hash (θ0, a body, a contract)
 
 
 def assignment_key(run_id: str) -> str:
@@ -48,6 +50,28 @@ def watcher_record_problem(subkey: object, value: object, iterations: int | None
     held = value.get("iteration") if isinstance(value, dict) and set(value) == {"iteration"} else None
     if not isinstance(held, int) or isinstance(held, bool) or not 0 <= held <= (iterations if iterations is not None else 2**32 - 1):
         return f"from {owner}: not a fused base's iteration within the run"
+    return None
+
+
+def run_config_key(run_id: str) -> str:
+    """Where the run's owner publishes the run's config (swarm/run_config.py)."""
+    return f"p2pcold/{run_id}/config"
+
+
+MAX_RUN_CONFIG_CHARS = 64_000  # a run config record as JSON; a full config is ~4 KB
+
+
+def run_config_record_problem(subkey: object, value: object) -> str | None:
+    """Why `value` under `subkey` is not a well-formed run config record (None: it is one)."""
+    owner = owner_peer_id(subkey)
+    if owner is None:
+        return "no owner mark in its subkey (an unsigned record)"
+    if not (isinstance(value, dict) and set(value) == {"config", "contract_hash"} and isinstance(value["config"], dict)):
+        return f"from {owner}: not a run config record"
+    if not isinstance(value["contract_hash"], str) or SHA256_HEX.fullmatch(value["contract_hash"]) is None:
+        return f"from {owner}: its contract hash is not a sha256"
+    if len(json.dumps(value, default=str)) > MAX_RUN_CONFIG_CHARS:
+        return f"from {owner}: over {MAX_RUN_CONFIG_CHARS} characters"
     return None
 
 

@@ -1,5 +1,6 @@
 """The DHT record validator of a run: what every p2pcold node checks before it stores or returns a
-record of the run (progress, identity, the Repository's assignments, the monitors' watcher records).
+record of the run (progress, identity, the Repository's assignments, the monitors' watcher records,
+the run's published config).
 
 hivemind calls `validate` in the DHT process when another node asks this one to store a record and
 when a node returns records for a read; a record that fails never enters this node's storage and never
@@ -21,7 +22,15 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pcold.swarm.identity import identity_record_problem, identity_key
 from p2pcold.swarm.progress import progress_key, progress_record_problem
-from p2pcold.swarm.records import assignment_key, assignment_record_problem, warn_bad_record, watcher_key, watcher_record_problem
+from p2pcold.swarm.records import (
+    assignment_key,
+    assignment_record_problem,
+    run_config_key,
+    run_config_record_problem,
+    warn_bad_record,
+    watcher_key,
+    watcher_record_problem,
+)
 
 Check = Callable[[Any, Any], "str | None"]  # (subkey, value) -> why the record is bad, None when it is good
 
@@ -55,8 +64,9 @@ class RunRecordValidator(RecordValidatorBase):
         return True
 
 
-def run_record_validators(run_id: str, iterations: int) -> list[RecordValidatorBase]:
-    """The validators every node of run `run_id` (of `iterations` iterations) passes to start_dht."""
+def run_record_validators(run_id: str, iterations: int | None) -> list[RecordValidatorBase]:
+    """The validators every node of run `run_id` (of `iterations` iterations; None: not known yet, as
+    before the run config is read) passes to start_dht."""
     return [
         RunRecordValidator(
             {
@@ -64,6 +74,7 @@ def run_record_validators(run_id: str, iterations: int) -> list[RecordValidatorB
                 identity_key(run_id): ("identity", identity_record_problem),
                 assignment_key(run_id): ("assignment", functools.partial(assignment_record_problem, iterations=iterations)),
                 watcher_key(run_id): ("watcher", functools.partial(watcher_record_problem, iterations=iterations)),
+                run_config_key(run_id): ("run config", run_config_record_problem),
             }
         )
     ]

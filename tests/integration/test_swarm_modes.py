@@ -1,4 +1,9 @@
-"""The swarm reproduces the reference run: decentralized (issue a) and with a Repository (issue b)."""
+"""The swarm reproduces the reference run: decentralized (issue a), with peers that join by invite
+(issue 23), and with a Repository (issue b)."""
+
+import subprocess
+import sys
+import uuid
 
 import pytest
 
@@ -41,9 +46,52 @@ def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model
     assert_close(bodies[0], reference_body(config))
 
 
-def test_three_peers_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
-    swarm_fields = {"min_group_size": 3}
-    assert_decentralized_equal_the_reference_run(swarm, tmp_path, tiny_model_dir, 3, "fused with a group of 3", swarm=swarm_fields)
+def test_three_peers_joined_by_invite_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
+    """A private run started by `bootstrap --config`; `p2pcold invite` writes one line that only its owner
+    can read; each peer joins with --dataset and --invite-file alone (the run config comes from the swarm),
+    fuses, and ends with the reference run's body. Then a peer whose invite holds another secret is
+    refused with one line. The secret is in no log and no checkpoint."""
+    secret = f"invite-secret-{uuid.uuid4().hex}"
+    (tmp_path / "run.secret").write_text(secret + "\n")
+    (tmp_path / "run.secret").chmod(0o600)
+    recipes = toy_recipes(tmp_path, 3)
+    config = write_run_config(tmp_path, str(tiny_model_dir), recipes, swarm={"min_group_size": 3})
+    maddr = swarm.bootstrap(config, "--secret-file", str(tmp_path / "run.secret"))
+
+    invite = tmp_path / "invite.txt"
+    made = invite_command(tmp_path, "--initial-peers", maddr, "--secret-file", str(tmp_path / "run.secret"))
+    assert made.returncode == 0 and secret not in made.stdout + made.stderr, made.stderr
+    assert invite.stat().st_mode & 0o777 == 0o600 and len(invite.read_text().splitlines()) == 1
+
+    def join(name: str, recipe: str, invite_file):
+        args = ("peer", "--dataset", recipe, "--invite-file", str(invite_file), "--host", "127.0.0.1")
+        return swarm.start(name, *args, "--run-dir", str(tmp_path / name))
+
+    procs = {f"peer{i}": join(f"peer{i}", recipe, invite) for i, recipe in enumerate(recipes)}
+    for name, proc in procs.items():
+        assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
+        assert "run config from the swarm: run itest: model" in swarm.log(name)
+        assert "fused with a group of 3" in swarm.log(name)
+    bodies = [final_body(tmp_path / name) for name in procs]
+    for body in bodies[1:]:
+        assert_close(bodies[0], body, atol=1e-6)
+    assert_close(bodies[0], reference_body(config))
+
+    (tmp_path / "other.secret").write_text(uuid.uuid4().hex + "\n")
+    (tmp_path / "other.secret").chmod(0o600)
+    wrong = tmp_path / "wrong-invite.txt"
+    assert invite_command(tmp_path, "--initial-peers", maddr, "--secret-file", str(tmp_path / "other.secret"), output=wrong).returncode == 0
+    refused = join("outsider", recipes[0], wrong)
+    assert swarm.wait(refused, "outsider", timeout=120) == 2
+    assert swarm.log("outsider").count("p2pcold: error:") == 1 and "Traceback" not in swarm.log("outsider")
+    for path in [*tmp_path.glob("*.log"), *tmp_path.rglob("*.safetensors"), *tmp_path.rglob("*.json")]:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def invite_command(folder, *args: str, output=None) -> subprocess.CompletedProcess:
+    output = output or folder / "invite.txt"
+    command = [sys.executable, "-m", "p2pcold.cli", "invite", "--run-id", "itest", *args, "--output", str(output)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
 def test_four_peers_in_moshpit_rounds_of_two_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
