@@ -317,7 +317,8 @@ def markdown_table(rows: list[dict]) -> str:
     first += ["time / bound", "all-reduce (s)", "all-reduce / bound", "sent per peer, on the link (MB)"]
     first += ["link / 2(K−1)/K·P"]
     second = ["K", "B (Mbit/s)", "compression", "start → group formed (s)", "start → first byte (s)"]
-    second += ["start → last byte (s)", "link rate while sending (Mbit/s)", "plain TCP both ways (Mbit/s)"]
+    second += ["start → last byte (s)", "link rate while sending, headers included (Mbit/s)"]
+    second += ["plain TCP both ways, payload (Mbit/s)"]
     second += ["verdicts (s)", "copies (s)"]
     second += ["max abs error", "mean abs error", "mean abs update"]
     return "\n".join(table(first, timing) + [""] + table(second, phases))
