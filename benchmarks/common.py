@@ -158,10 +158,11 @@ class Worker:
     processes and the p2pd daemons are in it), so nothing outlives the benchmark.
     """
 
-    def __init__(self, module: str, options: dict, name: str = "worker"):
+    def __init__(self, module: str, options: dict, name: str = "worker", prefix: tuple[str, ...] = ()):
+        """`prefix`: a command to run the worker under, e.g. `ip netns exec NS` (which execs it: same pid)."""
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, json.dumps(options)],
+            [*prefix, sys.executable, "-m", module, json.dumps(options)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # inherit: worker logs appear in the benchmark's stderr
@@ -170,7 +171,6 @@ class Worker:
             text=True,
             bufsize=1,
         )
-        self.pgid = self.proc.pid
 
     def send(self, message: dict) -> None:
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -209,16 +209,21 @@ class Worker:
                 pass
 
     def kill_group(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.5)
+        kill_group(self.proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group `proc` leads (started with start_new_session)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.5)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def close_all(ws: list[Worker], grace_s: float = 20.0) -> None:

@@ -1,7 +1,9 @@
 """One peer process of the fusion-round benchmark (driven by benchmarks/fusion_round.py over stdin).
 
 Usage: python -m benchmarks.fusion_worker '<json options>'. Options: rank, world, size
-("minilm" | "roberta-base"), initial_peers, tag, delta_std, timeouts, body_in_model.
+("minilm" | "roberta-base"), initial_peers, tag, delta_std, timeouts, body_in_model; optional: host
+(where p2pd listens, default SwarmConfig's), allreduce_clock (a file: time each all-reduce attempt
+inside the averager process, benchmarks/utilisation_peer.py's AveragerClock).
 
 The peer holds θ0 (MiniLM's real weights, or a seeded random RoBERTa-base-size body) and its
 "finetuned" body θ0 + δ_rank, δ ~ N(0, delta_std²) seeded by rank, so every process can rebuild any
@@ -14,7 +16,8 @@ Commands (JSON lines; replies prefixed "@@ "):
                                                  group of ranks 0..group-1
   close      {variants}                          shut them down
   round      {variant, index, start_at, check}   one timed round, started at wall time `start_at`;
-                                                 check: then |fused - exact fusion| (fusion.aggregate)
+                                                 check: then |fused - exact fusion| (fusion.aggregate);
+                                                 with allreduce_clock, the fusing attempt's wall times
   wire       {compressions}                      serialized bytes of one full vector per compression
   memory     -> peak RSS of this process, current PSS of its process tree
 """
@@ -25,6 +28,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -126,6 +130,7 @@ class FusionPeer:
         self.numel = sum(v.numel() for v in self.theta0.values())
         t = options["timeouts"]
         self.config = SwarmConfig(
+            **({"host": options["host"]} if "host" in options else {}),
             compression="none",
             matchmaking_time=t["matchmaking_time"],
             request_timeout=t["request_timeout"],
@@ -137,6 +142,13 @@ class FusionPeer:
             local_rpc_timeout=60.0,
             shutdown_timeout=5.0,
         )
+        self.clock = None
+        if options.get("allreduce_clock"):  # before any averager forks its process
+            from benchmarks.utilisation_peer import AveragerClock
+
+            self.clock = AveragerClock(Path(options["allreduce_clock"]))
+        # (group, fusion.aggregate of its bodies): built once per group, by error()
+        self.exact: tuple[int, dict[str, torch.Tensor]] | None = None
         self.dht = start_dht(self.config, options["initial_peers"])
         self.averagers: dict[str, object] = {}
         self.flat: torch.Tensor | None = None
@@ -253,6 +265,9 @@ class FusionPeer:
                 "fuse_s": fused_at - started,
                 "load_s": time.perf_counter() - fused_at,
             }
+            attempts = self.clock.new_attempts() if self.clock else []
+            if attempts and "reduced" in attempts[-1]:
+                info["allreduce"] = attempts[-1]  # the attempt that fused: {began, reduced, agreed}
         elif variant == "bare":
             gathered = self.averagers[variant].step(weight=1.0, timeout=self.config.boundary_deadline)
             info = {"group_size": len(gathered or {})}
@@ -273,9 +288,12 @@ class FusionPeer:
     def error(self) -> dict:
         """Max and mean |fused - exact| over all values, against p2pcold.fusion.aggregate of every body
         (the default rule, as the averagers here: a trimmed mean from 4 bodies)."""
-        bodies = [perturbed(self.theta0, r, self.o["delta_std"]) for r in range(self.group)]
-        exact = aggregate(bodies)
-        del bodies
+        if self.exact is None or self.exact[0] != self.group:
+            self.exact = None  # the previous group's, freed before the next is built
+            bodies = [perturbed(self.theta0, r, self.o["delta_std"]) for r in range(self.group)]
+            self.exact = (self.group, aggregate(bodies))
+            del bodies
+        exact = self.exact[1]
         fused = {k: v for k, v in self.model.state_dict().items() if k in exact}
         max_err, abs_sum, delta_abs_sum = 0.0, 0.0, 0.0
         for name, target in exact.items():
