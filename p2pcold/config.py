@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from p2pcold.utils import P2PColdError, recipes_dir
+from p2pcold.utils import P2PColdError, recipe_dirs
 
 class ConfigError(P2PColdError, ValueError):
     """A config value outside its type or range; the message is one line naming the field."""
@@ -420,18 +420,32 @@ def apply_overrides(data: dict, overrides: dict, lines: dict) -> None:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """A dataset recipe by name (`peers/NAME.yaml`) or by path."""
+    """A dataset recipe by path, or by name: `NAME.yaml` in the recipe folders (`utils.recipe_dirs`)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
             raise P2PColdError(f"{name_or_path}: recipe file not found")
         return candidate
-    folder = recipes_dir()
-    path = folder / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise P2PColdError(f"unknown dataset recipe {name_or_path!r} (known in {folder}: {', '.join(known)})")
-    return path
+    return _named_yaml(name_or_path, "dataset recipe")
+
+
+def resolve_run_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A run config by path, or a preset by name (`demo`, `transfer`: `runs/NAME.yaml` in the recipe folders)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists() or os.sep in str(name_or_path):
+        return candidate  # reading it reports a missing one
+    return _named_yaml(str(name_or_path), "run preset", "runs")
+
+
+def _named_yaml(name: str, kind: str, subfolder: str = "") -> Path:
+    """`NAME.yaml` in the first of the recipe folders that holds it; else one line listing every name they hold."""
+    folders = [folder / subfolder for folder in recipe_dirs()]
+    for folder in folders:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    names = {folder: ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none" for folder in folders}
+    known = "; ".join(f"in {folder}: {listed}" for folder, listed in names.items())
+    raise P2PColdError(f"unknown {kind} {name!r} (known {known})")
 
 
 def load_dataset_spec(reference: str) -> DatasetSpec:
@@ -453,10 +467,11 @@ def load_dataset_spec(reference: str) -> DatasetSpec:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, needs_datasets: bool = True) -> RunConfig:
-    """A run config from YAML (None: all defaults), with dotted-key overrides applied on top.
+    """A run config from YAML or a preset's name (None: all defaults), with dotted-key overrides applied on top.
 
     `needs_datasets=False` for a single peer, a bootstrap node, `status` or `evaluate`, which need
     the run's settings but not its list of contributors."""
+    path = resolve_run_config_path(path) if path is not None else None
     data, lines = _read_yaml(path) if path is not None else ({}, {})
     apply_overrides(data, overrides or {}, lines)
     config = from_dict(RunConfig, data, where=str(path or "run config"), lines=lines)
