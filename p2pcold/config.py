@@ -80,6 +80,22 @@ class RowFilter(_Section):
     keywords: list[str] = Field(default_factory=list)
 
 
+DATA_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # pandas decompresses these by extension
+
+
+def file_format(path: Path) -> str | None:
+    """`.csv`, `.jsonl`... for `data.csv` or `data.csv.gz`; None for anything unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
+    if compressed:
+        suffixes.pop()
+    fmt = suffixes[-1] if suffixes else None
+    if fmt not in DATA_FORMATS or (compressed and fmt == ".parquet"):  # parquet compresses internally
+        return None
+    return fmt
+
+
 class DatasetSpec(_Section):
     """One contributor's dataset: where it is, which columns hold text and labels, how to split it."""
 
@@ -93,7 +109,8 @@ class DatasetSpec(_Section):
     text_pair_column: str | None = None  # second sentence for pair tasks (NLI, paraphrase)
     label_column: Text = "label"
     # Label values in class-index order. For string labels, rows whose label is not listed are
-    # dropped only when `drop_unlisted_labels` is set; otherwise they are an error.
+    # dropped only when `drop_unlisted_labels` is set; otherwise they are an error. Empty: the
+    # distinct values of train's label column, sorted (p2pcold.data infers them when it reads the rows).
     label_names: list[str] = Field(default_factory=list)
     drop_unlisted_labels: bool = False
     filter: RowFilter | None = None
@@ -118,6 +135,14 @@ class DatasetSpec(_Section):
                 codecs.lookup(value)
             except LookupError:
                 raise ValueError("must be a text encoding Python knows, e.g. utf-8 or latin-1") from None
+        return value
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} twice; each class has one name")
         return value
 
     @field_validator("split_fractions", mode="before")
@@ -448,15 +473,42 @@ def _named_yaml(name: str, kind: str, subfolder: str = "") -> Path:
     raise P2PColdError(f"unknown {kind} {name!r} (known {known})")
 
 
-def load_dataset_spec(reference: str) -> DatasetSpec:
-    """A recipe by name or path; `NAME@INDEX/COUNT` selects one shard of its train split."""
+def data_file_spec(path: str, text_column: str = "text", label_column: str = "label") -> DatasetSpec:
+    """A local data file as a recipe: its rows are one pool (dev and test are carved from it), its name is
+    the file's, and its label names are the distinct values of its label column."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise P2PColdError(f"{path}: " + ("a folder, not a data file" if file.is_dir() else "data file not found"))
+    extension = file.suffixes[-2:] if file.suffix.lower() in COMPRESSIONS else file.suffixes[-1:]  # .csv.gz, .csv
+    fields = {"name": file.name[: -len("".join(extension))], "source": str(file.resolve())}
+    return from_dict(DatasetSpec, {**fields, "text_column": text_column, "label_column": label_column}, where=str(path))
+
+
+def load_dataset_spec(
+    reference: str | DatasetSpec, text_column: str | None = None, label_column: str | None = None
+) -> DatasetSpec:
+    """A recipe by name or path, or a data file (`data_file_spec`; `text_column` and `label_column` name
+    its columns); `NAME@INDEX/COUNT` selects one shard of its train split. A spec is returned as it is."""
+    if isinstance(reference, DatasetSpec):
+        return reference
     name_or_path, _, shard = reference.partition("@")
-    path = resolve_recipe_path(name_or_path)
-    data, lines = _read_yaml(path)
-    data.setdefault("name", path.stem)
-    spec = from_dict(DatasetSpec, data, where=str(path), lines=lines)
-    if not spec.source:
-        raise P2PColdError(f"{path}: `source` is required")
+    named = {"text_column": text_column, "label_column": label_column}
+    columns = {key: value for key, value in named.items() if value is not None}
+    if file_format(Path(name_or_path)) is not None:
+        spec = data_file_spec(name_or_path, **columns)
+    elif columns:
+        formats = ", ".join(DATA_FORMATS)
+        raise P2PColdError(
+            f"{name_or_path}: a recipe names its own columns (text_column, label_column); "
+            f"the column options are for a data file ({formats})"
+        )
+    else:
+        path = resolve_recipe_path(name_or_path)
+        data, lines = _read_yaml(path)
+        data.setdefault("name", path.stem)
+        spec = from_dict(DatasetSpec, data, where=str(path), lines=lines)
+        if not spec.source:
+            raise P2PColdError(f"{path}: `source` is required")
     if shard:
         index, _, count = shard.partition("/")
         if not (index.isdigit() and count.isdigit() and int(index) < int(count)):

