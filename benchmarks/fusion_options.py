@@ -7,7 +7,7 @@ with the preset's evaluation, and all of them set against the pretrained MiniLM 
 One process at a time: a training run and an evaluation side by side on 2 cores each ran 5x slower.
 A training run keeps no evaluation (`eval.datasets=[]`); `p2pcold evaluate` then scores its θ8 with
 the preset's eval section and seed, so every option meets the same few-shot samples and heads. The
-baseline θ0 and the paper's defaults come from a full `p2pcold simulate peers/runs/transfer.yaml`
+baseline θ0 and the paper's defaults come from a full `p2pcold simulate transfer`
 run (`--baseline`): θ0 evaluated twice gave the same digits, and `p2pcold local` equals the swarm.
 Pooling changes the evaluation's head too, so its θ0 is evaluated again with CLS pooling.
 """
@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import ROOT, log
+from p2pcold.utils import packaged_recipes_dir
 
-PRESET = ROOT / "peers/runs/transfer.yaml"
+PRESET = packaged_recipes_dir() / "runs" / "transfer.yaml"
 OPTIONS = {  # name -> (label, --set of the training run, extra arguments of its evaluation)
     "task_arithmetic": ("task arithmetic, λ = 0.5", ["fusion.method=task_arithmetic", "fusion.scale=0.5"], []),
     "ties": ("TIES, density 0.2, λ = 1 (local only)", ["fusion.method=ties", "fusion.density=0.2"], []),

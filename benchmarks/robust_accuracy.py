@@ -1,6 +1,6 @@
 """Robust fusion with MiniLM on the offline data (issue 8): what one rogue contribution costs in accuracy.
 
-The demo's run (`peers/runs/demo.yaml`: all-MiniLM-L6-v2, 30 steps of 16 examples per contributor, its
+The demo's run (the `demo` preset: all-MiniLM-L6-v2, 30 steps of 16 examples per contributor, its
 evaluation of CoLD and CoLD-Frozen on one seen and one unseen target) with five honest contributors,
 every offline recipe that is not an evaluation-only target. One boundary: the five finetune θ0, and their
 bodies are fused
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import ROOT, log
+from benchmarks.common import log
 from p2pcold import testing
 from p2pcold.config import AggregationConfig, load_config, load_dataset_spec
 from p2pcold.evaluate import Evaluator
@@ -64,7 +64,7 @@ def distance(a: dict, b: dict) -> float:
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(2)  # one process on the 2 cores
     overrides = {"datasets": HONEST, **({"eval.modes": ["frozen"]} if quick else {})}
-    config = load_config(ROOT / "peers/runs/demo.yaml", overrides)
+    config = load_config("demo", overrides)
     device = resolve_device("cpu")
     tokenizer = load_tokenizer(config.model)
     body = load_body(config.model, config.num_hidden_layers)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import ROOT, Worker, close_all, gather, log, median
+from benchmarks.common import Worker, close_all, gather, log, median
+from p2pcold.utils import packaged_recipes_dir
 
 MODULE = "benchmarks.utilisation_peer"
 PEERS = 4
@@ -61,7 +62,7 @@ def schedule(quick: bool) -> list[dict]:
 
 
 def _recipes(folder: Path) -> list[str]:
-    base = yaml.safe_load((ROOT / "peers" / "rotten_tomatoes.yaml").read_text())
+    base = yaml.safe_load((packaged_recipes_dir() / "rotten_tomatoes.yaml").read_text())
     paths = []
     for i in range(PEERS):
         recipe = {**base, "split_seed": i, "max_eval_examples": 64}

@@ -230,8 +230,16 @@ def _config_from_swarm(args: argparse.Namespace, local, secret):
     return config
 
 
+def _dataset_spec(args: argparse.Namespace):
+    """`--dataset` (a recipe, or a data file whose columns `--text-column` / `--label-column` name) as a spec."""
+    from p2pcold.config import load_dataset_spec
+
+    return load_dataset_spec(args.dataset, text_column=args.text_column, label_column=args.label_column)
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
     config = _swarm_run_config(args)  # before torch and hivemind are imported: bad input fails fast
+    dataset = _dataset_spec(args)
     secret = _secret(args)
     if args.config is None:
         config = _config_from_swarm(args, config, secret)
@@ -241,7 +249,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or f"runs/peer-{Path(args.dataset).stem}"
     protocol = CentralizedPeer if args.centralized else DecentralizedPeer
     peer = protocol(
-        config, args.dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress, secret=secret, log_dir=args.log_dir
+        config, dataset, args.initial_peers, run_dir, device=args.device, show_progress=args.progress, secret=secret, log_dir=args.log_dir
     )
     raise_on_sigterm()
     try:
@@ -462,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The paper's loop in one process: sample k contributors, finetune each from the base, "
         "fuse the bodies, evaluate, checkpoint, repeat. Resumes from the run folder's last checkpoint.",
     )
-    local.add_argument("config", nargs="?", help="run config YAML (default: all defaults; see peers/runs/)")
+    local.add_argument(
+        "config", nargs="?", help="run config YAML or a preset's name, e.g. demo (default: all defaults; see p2pcold/recipes/runs/)"
+    )
     local.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
     local.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_set_option(local, "iterations=5")
@@ -513,7 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Finetune the swarm's base on your dataset each iteration and all-reduce-average the encoder "
         "with the other peers at the boundary (decentralized), or follow a Repository (--centralized).",
     )
-    peer.add_argument("--dataset", required=True, help="dataset recipe: a name in peers/ or a YAML path")
+    peer.add_argument(
+        "--dataset",
+        required=True,
+        help="dataset recipe: a name (p2pcold/recipes/, $P2PCOLD_RECIPES) or a YAML path; or your own data file "
+        "(.csv, .tsv, .json, .jsonl, .parquet), its label names read from its label column",
+    )
+    peer.add_argument("--text-column", help="with a data file: the column holding the text (default: text)")
+    peer.add_argument("--label-column", help="with a data file: the column holding the label (default: label)")
     swarm_options(peer)
     address_options(peer, default_host=f"{VOLUNTEER_HOST}, every interface")
     peer.add_argument(
@@ -567,9 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate a whole swarm on this machine (the default: the offline CPU demo)",
         description="Start a bootstrap, N real peer processes on 127.0.0.1 and an evaluator process; evaluate every "
         "fused base (CoLD and CoLD-Frozen) and plot accuracy per iteration. Ctrl-C stops every process; "
-        "--resume continues. Without CONFIG: peers/runs/demo.yaml (MiniLM, offline data, CPU).",
+        "--resume continues. Without CONFIG: the demo preset (MiniLM, offline data, CPU).",
     )
-    simulate.add_argument("config", nargs="?", help="run config YAML (default: the offline demo)")
+    simulate.add_argument(
+        "config", nargs="?", help="run config YAML or a preset's name, e.g. transfer (default: the offline demo)"
+    )
     simulate.add_argument("--peers", type=int, help="number of peer processes (default: one per dataset)")
     placement = simulate.add_mutually_exclusive_group()
     placement.add_argument("--gpus", help="comma-separated GPU indices; peers are placed round-robin (default: CPU)")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from p2pcold.utils import P2PColdError, recipes_dir
+from p2pcold.utils import P2PColdError, recipe_dirs
 
 class ConfigError(P2PColdError, ValueError):
     """A config value outside its type or range; the message is one line naming the field."""
@@ -81,6 +81,22 @@ class RowFilter(_Section):
     keywords: list[str] = Field(default_factory=list)
 
 
+DATA_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # pandas decompresses these by extension
+
+
+def file_format(path: Path) -> str | None:
+    """`.csv`, `.jsonl`... for `data.csv` or `data.csv.gz`; None for anything unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
+    if compressed:
+        suffixes.pop()
+    fmt = suffixes[-1] if suffixes else None
+    if fmt not in DATA_FORMATS or (compressed and fmt == ".parquet"):  # parquet compresses internally
+        return None
+    return fmt
+
+
 class DatasetSpec(_Section):
     """One contributor's dataset: where it is, which columns hold text and labels, how to split it."""
 
@@ -94,7 +110,8 @@ class DatasetSpec(_Section):
     text_pair_column: str | None = None  # second sentence for pair tasks (NLI, paraphrase)
     label_column: Text = "label"
     # Label values in class-index order. For string labels, rows whose label is not listed are
-    # dropped only when `drop_unlisted_labels` is set; otherwise they are an error.
+    # dropped only when `drop_unlisted_labels` is set; otherwise they are an error. Empty: the
+    # distinct values of train's label column, sorted (p2pcold.data infers them when it reads the rows).
     label_names: list[str] = Field(default_factory=list)
     drop_unlisted_labels: bool = False
     filter: RowFilter | None = None
@@ -119,6 +136,14 @@ class DatasetSpec(_Section):
                 codecs.lookup(value)
             except LookupError:
                 raise ValueError("must be a text encoding Python knows, e.g. utf-8 or latin-1") from None
+        return value
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} twice; each class has one name")
         return value
 
     @field_validator("split_fractions", mode="before")
@@ -421,29 +446,70 @@ def apply_overrides(data: dict, overrides: dict, lines: dict) -> None:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """A dataset recipe by name (`peers/NAME.yaml`) or by path."""
+    """A dataset recipe by path, or by name: `NAME.yaml` in the recipe folders (`utils.recipe_dirs`)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
             raise P2PColdError(f"{name_or_path}: recipe file not found")
         return candidate
-    folder = recipes_dir()
-    path = folder / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise P2PColdError(f"unknown dataset recipe {name_or_path!r} (known in {folder}: {', '.join(known)})")
-    return path
+    return _named_yaml(name_or_path, "dataset recipe")
 
 
-def load_dataset_spec(reference: str) -> DatasetSpec:
-    """A recipe by name or path; `NAME@INDEX/COUNT` selects one shard of its train split."""
+def resolve_run_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A run config by path, or a preset by name (`demo`, `transfer`: `runs/NAME.yaml` in the recipe folders)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists() or os.sep in str(name_or_path):
+        return candidate  # reading it reports a missing one
+    return _named_yaml(str(name_or_path), "run preset", "runs")
+
+
+def _named_yaml(name: str, kind: str, subfolder: str = "") -> Path:
+    """`NAME.yaml` in the first of the recipe folders that holds it; else one line listing every name they hold."""
+    folders = [folder / subfolder for folder in recipe_dirs()]
+    for folder in folders:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    names = {folder: ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none" for folder in folders}
+    known = "; ".join(f"in {folder}: {listed}" for folder, listed in names.items())
+    raise P2PColdError(f"unknown {kind} {name!r} (known {known})")
+
+
+def data_file_spec(path: str, text_column: str = "text", label_column: str = "label") -> DatasetSpec:
+    """A local data file as a recipe: its rows are one pool (dev and test are carved from it), its name is
+    the file's, and its label names are the distinct values of its label column."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise P2PColdError(f"{path}: " + ("a folder, not a data file" if file.is_dir() else "data file not found"))
+    extension = file.suffixes[-2:] if file.suffix.lower() in COMPRESSIONS else file.suffixes[-1:]  # .csv.gz, .csv
+    fields = {"name": file.name[: -len("".join(extension))], "source": str(file.resolve())}
+    return from_dict(DatasetSpec, {**fields, "text_column": text_column, "label_column": label_column}, where=str(path))
+
+
+def load_dataset_spec(
+    reference: str | DatasetSpec, text_column: str | None = None, label_column: str | None = None
+) -> DatasetSpec:
+    """A recipe by name or path, or a data file (`data_file_spec`; `text_column` and `label_column` name
+    its columns); `NAME@INDEX/COUNT` selects one shard of its train split. A spec is returned as it is."""
+    if isinstance(reference, DatasetSpec):
+        return reference
     name_or_path, _, shard = reference.partition("@")
-    path = resolve_recipe_path(name_or_path)
-    data, lines = _read_yaml(path)
-    data.setdefault("name", path.stem)
-    spec = from_dict(DatasetSpec, data, where=str(path), lines=lines)
-    if not spec.source:
-        raise P2PColdError(f"{path}: `source` is required")
+    named = {"text_column": text_column, "label_column": label_column}
+    columns = {key: value for key, value in named.items() if value is not None}
+    if file_format(Path(name_or_path)) is not None:
+        spec = data_file_spec(name_or_path, **columns)
+    elif columns:
+        formats = ", ".join(DATA_FORMATS)
+        raise P2PColdError(
+            f"{name_or_path}: a recipe names its own columns (text_column, label_column); "
+            f"the column options are for a data file ({formats})"
+        )
+    else:
+        path = resolve_recipe_path(name_or_path)
+        data, lines = _read_yaml(path)
+        data.setdefault("name", path.stem)
+        spec = from_dict(DatasetSpec, data, where=str(path), lines=lines)
+        if not spec.source:
+            raise P2PColdError(f"{path}: `source` is required")
     if shard:
         index, _, count = shard.partition("/")
         if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -454,10 +520,11 @@ def load_dataset_spec(reference: str) -> DatasetSpec:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, needs_datasets: bool = True) -> RunConfig:
-    """A run config from YAML (None: all defaults), with dotted-key overrides applied on top.
+    """A run config from YAML or a preset's name (None: all defaults), with dotted-key overrides applied on top.
 
     `needs_datasets=False` for a single peer, a bootstrap node, `status` or `evaluate`, which need
     the run's settings but not its list of contributors."""
+    path = resolve_run_config_path(path) if path is not None else None
     data, lines = _read_yaml(path) if path is not None else ({}, {})
     apply_overrides(data, overrides or {}, lines)
     config = from_dict(RunConfig, data, where=str(path or "run config"), lines=lines)

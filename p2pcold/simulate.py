@@ -44,6 +44,7 @@ from p2pcold.utils import (
     atomic_write_bytes,
     atomic_write_json,
     get_logger,
+    packaged_recipes_dir,
     raise_on_sigterm,
     read_json,
 )
@@ -53,7 +54,7 @@ if TYPE_CHECKING:  # the evaluator process imports this module: it needs neither
 
 log = get_logger("simulate")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "peers" / "runs" / "demo.yaml"
+DEFAULT_CONFIG = packaged_recipes_dir() / "runs" / "demo.yaml"  # the offline CPU demo
 EVALUATOR = "evaluator"
 STOP_GRACE_S = 15.0  # a process gets this long to exit after SIGTERM before its group is killed
 STATUS_EVERY_S = 30.0  # the status line is repeated at least this often

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -31,8 +32,7 @@ class P2PColdError(Exception):
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's code for "stopped by SIGTERM"
 
-# The repository's recipe folder: an editable install (the documented one) finds it here.
-_DEFAULT_RECIPES_DIR = Path(__file__).resolve().parent.parent / "peers"
+RECIPES_ENV = "P2PCOLD_RECIPES"  # a folder of the user's own recipes (and presets in runs/)
 
 
 class Terminated(BaseException):
@@ -88,11 +88,19 @@ class StopSignal:
             raise KeyboardInterrupt()
 
 
-def recipes_dir() -> Path:
-    """Where dataset recipes named without a path live: $P2PCOLD_RECIPES, else the repository's peers/.
+def packaged_recipes_dir() -> Path:
+    """The dataset recipes that ship inside the package (`p2pcold/recipes/`; run presets in `runs/`),
+    found as package data, so that a wheel installed anywhere has them."""
+    # pip installs a wheel unpacked, so the package data is a real folder (a Path), not a zip member.
+    return Path(str(importlib.resources.files("p2pcold") / "recipes"))
 
-    Read at each call, not at import, so that a test or a caller that sets the variable later is obeyed."""
-    return Path(os.environ.get("P2PCOLD_RECIPES") or _DEFAULT_RECIPES_DIR)
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes (and, in `runs/`, presets) named without a path are looked up, the first that
+    holds a name winning: $P2PCOLD_RECIPES, which adds to or overrides the packaged ones, then the
+    package's own. Read at each call, not at import, so that a variable set later is obeyed."""
+    own = os.environ.get(RECIPES_ENV)
+    return [Path(own), packaged_recipes_dir()] if own else [packaged_recipes_dir()]
 
 
 def setup_process(verbose: bool = False) -> None:

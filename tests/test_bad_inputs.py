@@ -222,6 +222,26 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
         ["evaluate", "--base", str(model), "--datasets", str(data_recipe), "--output", str(path / "out")], "a binary file, not csv text", forbidden="latin-1"
     )
 
+    # ---- a volunteer's own data file, `peer --dataset FILE`: checked before the peer joins the swarm
+    nowhere = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMgK13rEBAV5rgffdWDfpHmp4zTkYQgW5uXZ1gkc9Svm5"
+    rows = "".join(f"a fine film {i},pos\n" for i in range(30))
+    own_data = {  # case -> (file name, content, column options, text of the error)
+        "own data missing": ("my.csv", None, [], "my.csv: data file not found"),
+        "own data missing column": ("my.csv", b"review,stars\ngreat,5\n", ["--text-column", "body"], "no column 'body' (available: review, stars)"),
+        "own data one label": ("my.csv", f"text,label\n{rows}".encode(), [], "column 'label' holds one label only (pos)"),
+        "own data empty": ("my.jsonl", b"", [], "my.jsonl: the file is empty"),
+        "own data binary": ("my.jsonl", b"\x00\x01\x02" * 400, [], "my.jsonl: a binary file, not jsonl text"),
+        "own data not utf-8": ("my.tsv", "text\tlabel\ncaf\xe9\tpos\n".encode("latin-1"), [], "my.tsv: not valid utf-8 text"),
+        "own data columns of a recipe": (None, None, ["--label-column", "stars"], "a recipe names its own columns"),
+    }
+    for name, (file, content, columns, expected) in own_data.items():
+        path = folder(name)
+        if content is not None:
+            (path / file).write_bytes(content)
+        dataset = str(path / file) if file else str(recipe)
+        args = ["peer", "--dataset", dataset, *columns, "--initial-peers", nowhere, "--run-dir", str(path / "run")]
+        cases[name] = Case(args, expected, mutable=("run",))
+
     path = folder("identity key damaged")
     (path / "node.key").write_bytes(b"\x08\x01garbage")
     cases["identity key damaged"] = Case(["bootstrap", "--identity", str(path / "node.key")], "node.key: damaged identity key")

@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from p2pcold.utils import Terminated, raise_on_sigterm, recipes_dir
+from p2pcold.utils import Terminated, raise_on_sigterm
 
 PROBE = """
 import json, logging
@@ -55,14 +54,6 @@ def test_imports_change_no_global_state_and_each_setup_is_idempotent():
     after = states["after_setup_twice"]
     assert not after["transformers_bars"] and not after["datasets_bars"]
     assert after["hivemind_fixes"] and after["averager_log_filters"] == 1  # one filter however often applied
-
-
-def test_recipes_dir_is_read_when_asked(monkeypatch, tmp_path):
-    monkeypatch.delenv("P2PCOLD_RECIPES", raising=False)
-    default = recipes_dir()
-    assert default == Path(__file__).resolve().parent.parent / "peers" and (default / "runs").is_dir()
-    monkeypatch.setenv("P2PCOLD_RECIPES", str(tmp_path))
-    assert recipes_dir() == tmp_path  # set after import, still obeyed
 
 
 def test_raise_on_sigterm_turns_the_signal_into_an_exception():

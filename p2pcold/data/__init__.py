@@ -1,4 +1,4 @@
-"""The dataset layer: recipes (`peers/*.yaml`) to labelled splits, tokenized splits and loaders.
+"""The dataset layer: recipes (`p2pcold/recipes/*.yaml`) to labelled splits, tokenized splits and loaders.
 
 It depends on nothing in p2pcold beyond `config` and `utils`, and never on hivemind.
 """

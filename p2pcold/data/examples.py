@@ -1,7 +1,8 @@
 """From a recipe to labelled examples: train, dev and test splits with `text`, `text_pair`, `label`.
 
 The steps, in order: read the source, keep rows matching the recipe's filter, turn labels into
-class indices, drop rows without text, carve dev/test out of train where the source has none,
+class indices (of the recipe's `label_names`, or, where it lists none, of the distinct labels of
+train as text), drop rows without text, carve dev/test out of train where the source has none,
 cap every split, check that the labels make a classification task. Every random choice is
 seeded by `split_seed`, so every peer builds the same splits from the same recipe.
 """
@@ -21,9 +22,12 @@ def load_examples(spec: DatasetSpec) -> datasets.DatasetDict:
     raw = read_source(spec.source, spec.hub_config, spec.encoding, spec.train_split)
     if spec.train_split not in raw:
         raise _error(spec, f"no split {spec.train_split!r} (available: {', '.join(raw)})")
-    train = _clean(raw[spec.train_split], spec, spec.train_split)
-    dev = _clean_if_labelled(raw, spec.dev_split, spec)
-    test = _clean_if_labelled(raw, spec.test_split, spec)
+    labels_by_text = not spec.label_names  # named by the data: a label is its text, whatever its type
+    if labels_by_text:
+        spec = spec.model_copy(update={"label_names": _label_values(raw[spec.train_split], spec)})
+    train = _clean(raw[spec.train_split], spec, spec.train_split, labels_by_text)
+    dev = _clean_if_labelled(raw, spec.dev_split, spec, labels_by_text)
+    test = _clean_if_labelled(raw, spec.test_split, spec, labels_by_text)
     train, dev, test = _carve(train, dev, test, spec)
     if spec.num_shards:  # federated contributors (§5.1): disjoint slices of train, shared dev/test
         train = train.shard(spec.num_shards, spec.shard_index, contiguous=False, keep_in_memory=True)
@@ -42,7 +46,7 @@ def _error(spec: DatasetSpec, message: str) -> P2PColdError:
 
 
 def _clean_if_labelled(
-    raw: dict[str, datasets.Dataset], split: str | None, spec: DatasetSpec
+    raw: dict[str, datasets.Dataset], split: str | None, spec: DatasetSpec, labels_by_text: bool
 ) -> datasets.Dataset | None:
     """A hub dev/test split, or None where it must be carved from train instead."""
     if split is None:
@@ -56,11 +60,10 @@ def _clean_if_labelled(
     if values and all(isinstance(v, int) and v < 0 for v in values):
         log.info("%s: split %r of %s has no labels; carving it from train", spec.name, split, spec.source)
         return None
-    return _clean(raw[split], spec, split)
+    return _clean(raw[split], spec, split, labels_by_text)
 
 
-def _clean(split: datasets.Dataset, spec: DatasetSpec, split_name: str) -> datasets.Dataset:
-    """Filter, select and rename columns, map labels to indices, drop rows without text."""
+def _check_columns(split: datasets.Dataset, spec: DatasetSpec) -> None:
     columns = [spec.text_column, spec.label_column]
     columns += [spec.text_pair_column] if spec.text_pair_column else []
     columns += [spec.filter.column] if spec.filter else []
@@ -68,6 +71,35 @@ def _clean(split: datasets.Dataset, spec: DatasetSpec, split_name: str) -> datas
         if column not in split.column_names:
             raise _error(spec, f"no column {column!r} (available: {', '.join(split.column_names)})")
 
+
+def _label_values(split: datasets.Dataset, spec: DatasetSpec) -> list[str]:
+    """The distinct labels of a split as text, numbers in numeric order, then words in alphabetical order."""
+    _check_columns(split, spec)
+    texts = {_label_text(value) for value in split.unique(spec.label_column)} - {None}
+    if len(texts) < 2:
+        only = f"one label only ({texts.pop()})" if texts else "no labels"
+        raise _error(spec, f"column {spec.label_column!r} holds {only}; a classifier needs two or more")
+
+    def order(text: str) -> tuple:
+        try:
+            return (0, float(text), text)
+        except ValueError:
+            return (1, 0.0, text)
+
+    return sorted(texts, key=order)
+
+
+def _label_text(value) -> str | None:
+    """A label as text (`3` for 3 or 3.0); None for a missing or blank one."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = None if value is None else str(value).strip()
+    return text or None
+
+
+def _clean(split: datasets.Dataset, spec: DatasetSpec, split_name: str, labels_by_text: bool) -> datasets.Dataset:
+    """Filter, select and rename columns, map labels to indices, drop rows without text."""
+    _check_columns(split, spec)
     if spec.filter:
         split = _keep_matching(split, spec)
 
@@ -77,7 +109,7 @@ def _clean(split: datasets.Dataset, spec: DatasetSpec, split_name: str) -> datas
     renames[spec.label_column] = "label"
     split = split.select_columns(list(renames)).rename_columns({k: v for k, v in renames.items() if k != v})
 
-    split = _to_class_indices(split, spec)
+    split = _to_class_indices(split, spec, labels_by_text)
     has_pair = spec.text_pair_column is not None
 
     def usable(batch):
@@ -106,26 +138,26 @@ def _keep_matching(split: datasets.Dataset, spec: DatasetSpec) -> datasets.Datas
     return kept
 
 
-def _to_class_indices(split: datasets.Dataset, spec: DatasetSpec) -> datasets.Dataset:
-    """String labels are looked up in label_names; integer labels already are class indices.
+def _to_class_indices(split: datasets.Dataset, spec: DatasetSpec, labels_by_text: bool) -> datasets.Dataset:
+    """String labels are looked up in label_names; integer labels already are class indices, unless
+    the names came from the data (`labels_by_text`), where every label is looked up as text and rows
+    without a label are dropped.
 
     Unlisted labels become -1 (dropped later) when the recipe allows it, else they are an error.
     """
     names = spec.label_names
-    if not names:
-        raise _error(spec, "label_names is empty")
     index = {name: i for i, name in enumerate(names)}
 
     def class_index(value) -> int:
-        if isinstance(value, str):
-            return index.get(value.strip(), -1)
+        if isinstance(value, str) or labels_by_text:
+            return index.get(_label_text(value), -1)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         return value if isinstance(value, int) and 0 <= value < len(names) else -1
 
     # Unique values first: cheap in Arrow, and it names the offending labels in the error.
     mapping = {value: class_index(value) for value in split.unique("label")}
-    unlisted = [value for value, i in mapping.items() if i < 0]
+    unlisted = [value for value, i in mapping.items() if i < 0 and not (labels_by_text and _label_text(value) is None)]
     if unlisted and not spec.drop_unlisted_labels:
         shown = ", ".join(repr(v) for v in unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
         raise _error(
@@ -134,7 +166,7 @@ def _to_class_indices(split: datasets.Dataset, spec: DatasetSpec) -> datasets.Da
             f"(set drop_unlisted_labels: true to drop those rows)",
         )
     features = split.features.copy()
-    features["label"] = datasets.Value("int64")
+    features["label"] = datasets.ClassLabel(names=names)  # the names travel with the rows
     return split.map(
         lambda batch: {"label": [mapping.get(v, -1) for v in batch["label"]]},
         batched=True,

@@ -47,7 +47,8 @@ def prepare_dataset(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, max_l
         name: split.map(tokenize, batched=True, remove_columns=split.column_names, keep_in_memory=True)
         for name, split in examples.items()
     }
-    return PreparedDataset(name=spec.name, label_names=list(spec.label_names), **splits)
+    label_names = examples["train"].features["label"].names  # the recipe's, or those its data holds
+    return PreparedDataset(name=spec.name, label_names=list(label_names), **splits)
 
 
 CUDA_LOADER_WORKERS = 2  # collate in the background: one process keeps up with a GPU step, two leave slack

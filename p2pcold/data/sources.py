@@ -14,13 +14,12 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
+from p2pcold.config import COMPRESSIONS, DATA_FORMATS, file_format
 from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("data")
 
 PKG_PREFIX = "pkg://"
-FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # pandas decompresses these by extension
 
 
 def read_source(
@@ -41,18 +40,6 @@ def is_local(source: str) -> bool:
         or source.startswith(("/", "./", "../", "~"))
         or file_format(Path(source)) is not None
     )
-
-
-def file_format(path: Path) -> str | None:
-    """`.csv`, `.jsonl`... for `data.csv` or `data.csv.gz`; None for anything unsupported."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
-    if compressed:
-        suffixes.pop()
-    fmt = suffixes[-1] if suffixes else None
-    if fmt not in FORMATS or (compressed and fmt == ".parquet"):  # parquet compresses internally
-        return None
-    return fmt
 
 
 def package_file(source: str) -> Path:
@@ -78,16 +65,23 @@ def read_file(path: Path, encoding: str | None) -> datasets.Dataset:
         raise P2PColdError(f"{path}: file not found")
     fmt = file_format(path)
     if fmt is None:
-        supported, compressions = ", ".join(FORMATS), ", ".join(COMPRESSIONS)
+        supported, compressions = ", ".join(DATA_FORMATS), ", ".join(COMPRESSIONS)
         raise P2PColdError(f"{path}: unsupported file format (use {supported}; text formats may end in {compressions})")
+    if path.stat().st_size == 0:
+        raise P2PColdError(f"{path}: the file is empty")
     if encoding is None and fmt != ".parquet" and _looks_binary(path):
         raise P2PColdError(f"{path}: a binary file, not {fmt[1:]} text; point `source` at the data file itself")
     try:
         frame = _READERS[fmt](path, encoding)
+        if frame.empty:
+            header = f" (only a header: {', '.join(map(str, frame.columns))})" if len(frame.columns) else ""
+            raise P2PColdError(f"{path}: holds no rows{header}")
         # Mixed-type columns (numbers and strings) cannot become Arrow columns; as strings they can.
         for column in frame.columns[frame.dtypes == object]:
             frame[column] = frame[column].astype("string")
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    except P2PColdError:
+        raise
     except UnicodeDecodeError as e:
         expected = encoding or "utf-8"
         raise P2PColdError(f"{path}: not valid {expected} text ({e.reason}); set `encoding` (e.g. latin-1)") from None

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from p2pcold.config import RunConfig, load_dataset_spec, run_contract
+from p2pcold.config import DatasetSpec, RunConfig, load_dataset_spec, run_contract
 from p2pcold.finetune import Contribution, Contributor, resolve_device
 from p2pcold.run_state import RunState
 from p2pcold.scalars import ScalarLog
@@ -44,7 +44,7 @@ class SwarmPeer:
     def __init__(
         self,
         config: RunConfig,
-        dataset: str,
+        dataset: str | DatasetSpec,
         initial_peers: list[str],
         run_dir: str | Path,
         device: str | None = None,
@@ -62,7 +62,7 @@ class SwarmPeer:
         self.scalars = ScalarLog(log_dir)
         self.state: RunState | None = None
         self.dht = self.averager = self.tracker = None
-        self.name = Path(dataset).stem
+        self.name = dataset.name if isinstance(dataset, DatasetSpec) else Path(dataset).stem
         self.peer_id = ""
         self.mode = Mode.PUBLIC
         self._dev_accuracy: Future | None = None  # of the last finetuning; measured during the boundary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from toy_tables import toy_rows, toy_spec, write_rows
 
-from p2pcold.config import RowFilter
+from p2pcold.config import RowFilter, load_dataset_spec
 from p2pcold.data import load_examples
 from p2pcold.utils import P2PColdError
 
@@ -171,3 +171,37 @@ def test_bad_shard_reference_is_one_line():
 
     with pytest.raises(P2PColdError, match="NAME@INDEX/COUNT"):
         load_dataset_spec("rotten_tomatoes@3/3")
+
+
+def test_a_data_file_is_a_recipe_named_by_the_file_and_labelled_by_its_data(tmp_path):
+    stars = [5, 1, 3, 10]
+    rows = [{"review": f"review {i}", "stars": stars[i % 4], "extra": "x"} for i in range(80)]
+    csv = write_rows(tmp_path / "my_reviews.csv", rows)
+    spec = load_dataset_spec(f"{csv}", text_column="review", label_column="stars")
+    assert (spec.name, spec.source, spec.label_names) == ("my_reviews", str(csv.resolve()), [])
+    splits = load_examples(spec)
+    names = splits["train"].features["label"].names
+    assert names == ["1", "3", "5", "10"]  # numbers in numeric order, each its own class
+    for split in splits.values():
+        assert split.features["label"].names == names
+        for text, label in zip(split["text"], split["label"]):
+            assert names[label] == str(stars[int(text.split()[1]) % 4])
+
+    tweets = toy_rows(60) + [{"text": "unlabelled", "label": ""}]  # a row without a label is dropped
+    jsonl = write_rows(tmp_path / "tweets.jsonl", tweets)
+    splits = load_examples(load_dataset_spec(str(jsonl)))  # the columns `text` and `label`
+    assert splits["train"].features["label"].names == ["neg", "pos"] and len(all_texts(splits)) == 60
+    for split in splits.values():
+        assert all(label == (1 if "good" in text else 0) for text, label in zip(split["text"], split["label"]))
+
+
+def test_data_file_references_are_checked(tmp_path):
+    with pytest.raises(P2PColdError, match=r"nope\.csv: data file not found"):
+        load_dataset_spec(str(tmp_path / "nope.csv"))
+    with pytest.raises(P2PColdError, match=r"rotten_tomatoes: a recipe names its own columns"):
+        load_dataset_spec("rotten_tomatoes", label_column="stars")
+    with pytest.raises(P2PColdError, match=r"label_names=\['a', 'b', 'a'\]: .*lists a twice"):
+        toy_spec("x.csv", label_names=["a", "b", "a"])
+    path = write_rows(tmp_path / "one.csv", [{"text": f"t{i}", "label": "pos"} for i in range(30)])
+    with pytest.raises(P2PColdError, match=r"one\.csv\): column 'label' holds one label only \(pos\); a classifier needs two"):
+        load_examples(load_dataset_spec(str(path)))

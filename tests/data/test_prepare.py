@@ -32,6 +32,12 @@ def test_prepared_columns_unpadded(prepared):
     assert all(all(mask) for mask in prepared.train["attention_mask"])
 
 
+def test_label_names_from_the_data(tmp_path, tokenizer):
+    rows = [{"text": f"movie {i}", "label": ["b", "a", "c"][i % 3]} for i in range(60)]
+    prepared = prepare_dataset(toy_spec(write_rows(tmp_path / "toy.csv", rows), label_names=[]), tokenizer, max_length=16)
+    assert prepared.label_names == ["a", "b", "c"] and prepared.num_labels == 3
+
+
 def test_truncation(tmp_path, tokenizer):
     rows = [{"text": "good " * 100, "label": ["neg", "pos"][i % 2]} for i in range(20)]
     prepared = prepare_dataset(toy_spec(write_rows(tmp_path / "long.csv", rows)), tokenizer, max_length=12)

@@ -1,4 +1,4 @@
-"""Every recipe in peers/ parses into a DatasetSpec; the offline ones load with every label in every split."""
+"""Every recipe in p2pcold/recipes/ parses into a DatasetSpec; the offline ones load with every label in every split."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from p2pcold.config import load_dataset_spec
 from p2pcold.data import load_examples
 from p2pcold.data.sources import PKG_PREFIX, is_local, package_file
-from p2pcold.utils import recipes_dir
+from p2pcold.utils import packaged_recipes_dir
 
-RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+RECIPES = sorted(p.stem for p in packaged_recipes_dir().glob("*.yaml"))
 OFFLINE = [name for name in RECIPES if load_dataset_spec(name).source.startswith(PKG_PREFIX)]
 
 
@@ -25,7 +25,7 @@ def test_recipes_exist():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_is_valid(name):
     spec = load_dataset_spec(name)
-    header = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[0]
+    header = (packaged_recipes_dir() / f"{name}.yaml").read_text().splitlines()[0]
     assert header.startswith(f"# p2pcold peer --dataset {name} ")
     assert spec.name == name and spec.source and spec.text_column and spec.label_column
     assert spec.label_names and all(spec.label_names) and len(set(spec.label_names)) == len(spec.label_names)

@@ -95,13 +95,27 @@ def test_unsupported_format(tmp_path):
     [
         ("broken.parquet", b"PAR1 this is not parquet"),
         ("broken.csv.gz", b"not gzip at all"),
-        ("empty.csv", b""),
         ("broken.jsonl", b'{"text": "a", "label": "pos"}\n{"text": \n'),
     ],
 )
 def test_unreadable_file(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(P2PColdError, match=rf"{name.replace('.', '[.]')}: cannot read as"):
+        load_examples(toy_spec(tmp_path / name))
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.csv", b"", "the file is empty"),
+        ("empty.parquet", b"", "the file is empty"),
+        ("header.csv", b"text,label\n", r"holds no rows \(only a header: text, label\)"),
+        ("blank.jsonl", b"\n\n", "holds no rows"),
+    ],
+)
+def test_file_without_rows(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(P2PColdError, match=rf"{name.replace('.', '[.]')}: {message}"):
         load_examples(toy_spec(tmp_path / name))
 
 
