@@ -1,6 +1,7 @@
 """The swarm reproduces the reference run: decentralized (issue a), with peers that join by invite
 (issue 23), and with a Repository (issue b)."""
 
+import csv
 import subprocess
 import sys
 import uuid
@@ -39,6 +40,7 @@ def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model
         assert processes.wait(proc, name, timeout=240) == 0, processes.log(name)[-3000:]
         assert fused_line in processes.log(name)
 
+    assert "(my_reviews) starts at iteration 0" in swarm.log("peer0")
     bodies = [final_body(tmp_path / name) for name in procs]
     for body in bodies[1:]:
         # hivemind returns each peer the average as a delta to add to its own part: equal up to rounding
@@ -49,12 +51,13 @@ def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model
 def test_three_peers_joined_by_invite_equal_the_reference_run(swarm, tmp_path, tiny_model_dir):
     """A private run started by `bootstrap --config`; `p2pcold invite` writes one line that only its owner
     can read; each peer joins with --dataset and --invite-file alone (the run config comes from the swarm),
-    fuses, and ends with the reference run's body. Then a peer whose invite holds another secret is
-    refused with one line. The secret is in no log and no checkpoint."""
+    one of them on a volunteer's own CSV file (`--text-column`, `--label-column`), fuses, and ends with the
+    reference run's body (whose `datasets` lists the same file). Then a peer whose invite holds another
+    secret is refused with one line. The secret is in no log and no checkpoint."""
     secret = f"invite-secret-{uuid.uuid4().hex}"
     (tmp_path / "run.secret").write_text(secret + "\n")
     (tmp_path / "run.secret").chmod(0o600)
-    recipes = toy_recipes(tmp_path, 3)
+    recipes = [own_csv_file(tmp_path / "mine" / "my_reviews.csv"), *toy_recipes(tmp_path, 2)]
     config = write_run_config(tmp_path, str(tiny_model_dir), recipes, swarm={"min_group_size": 3})
     maddr = swarm.bootstrap(config, "--secret-file", str(tmp_path / "run.secret"))
 
@@ -65,13 +68,15 @@ def test_three_peers_joined_by_invite_equal_the_reference_run(swarm, tmp_path, t
 
     def join(name: str, recipe: str, invite_file):
         args = ("peer", "--dataset", recipe, "--invite-file", str(invite_file), "--host", "127.0.0.1")
-        return swarm.start(name, *args, "--run-dir", str(tmp_path / name))
+        columns = ("--text-column", "text", "--label-column", "label") if recipe.endswith(".csv") else ()
+        return swarm.start(name, *args, *columns, "--run-dir", str(tmp_path / name))
 
     procs = {f"peer{i}": join(f"peer{i}", recipe, invite) for i, recipe in enumerate(recipes)}
     for name, proc in procs.items():
         assert swarm.wait(proc, name, timeout=240) == 0, swarm.log(name)[-3000:]
         assert "run config from the swarm: run itest: model" in swarm.log(name)
         assert "fused with a group of 3" in swarm.log(name)
+    assert "(my_reviews) starts at iteration 0" in swarm.log("peer0")
     bodies = [final_body(tmp_path / name) for name in procs]
     for body in bodies[1:]:
         assert_close(bodies[0], body, atol=1e-6)
@@ -86,6 +91,16 @@ def test_three_peers_joined_by_invite_equal_the_reference_run(swarm, tmp_path, t
     assert swarm.log("outsider").count("p2pcold: error:") == 1 and "Traceback" not in swarm.log("outsider")
     for path in [*tmp_path.glob("*.log"), *tmp_path.rglob("*.safetensors"), *tmp_path.rglob("*.json")]:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def own_csv_file(path) -> str:
+    """A volunteer's own labelled CSV file (columns `text` and `label`), no recipe beside it."""
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"movie {i} was {['awful', 'great'][i % 2]} fun", ["bad", "good"][i % 2]] for i in range(120))
+    return str(path)
 
 
 def invite_command(folder, *args: str, output=None) -> subprocess.CompletedProcess:
