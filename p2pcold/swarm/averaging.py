@@ -4,19 +4,19 @@
 shared-memory float32 copies of the body tensors, in sorted name order) and adds what CoLD Fusion
 needs on top of it:
 
-* **The iteration is part of the group key.** hivemind matchmaking only pairs peers that declare the
+* **The iteration is part of the group key** (`group_key.py`). hivemind matchmaking only pairs peers that declare the
   same key `<prefix>.0b<group bits>` in the DHT, and a leader rejects a join request whose key
   differs from its own (BAD_GROUP_KEY). Before every step the group bits are set to the 32-bit binary
   iteration number, so peers at different iterations can never average together. (hivemind rotates
   the bits after each assembled group; resetting them before each step undoes that.)
-* **A typed outcome instead of exceptions.** `fuse` returns a `FusionResult` whose status is OK,
+* **A typed outcome instead of exceptions** (`fusion_result.py`). `fuse` returns a `FusionResult` whose status is OK,
   NO_GROUP (nobody else at this iteration before the deadline) or FAILED (groups formed, but every
   all-reduce failed or was partial); the caller falls back to `download_state` or its local body.
 * **No silent partial averages.** When a group member dies or stalls mid-way, hivemind's all-reduce
   still "succeeds": the missing member's slice of the vector keeps each survivor's *local* values,
   and senders that stopped are dropped from the remaining parts. Members would then hold different
   bodies. The averager detects both cases on its own side and fails the attempt.
-* **One outcome per group.** hivemind lets each member decide on its own whether an all-reduce
+* **One outcome per group** (`verdicts.py`). hivemind lets each member decide on its own whether an all-reduce
   succeeded, so under load one member can fail while the others succeed and leave. Each member
   publishes its verdict on the group in the DHT, and succeeds only when every member's verdict is
   clean (`_SwarmAverager`). A failure is thus seen by the whole group, which retries together with the
@@ -36,16 +36,12 @@ needs on top of it:
 from __future__ import annotations
 
 import asyncio
-import enum
-import hashlib
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import hivemind
@@ -69,34 +65,20 @@ from p2pcold.config import AggregationConfig, SwarmConfig, validate_swarm_config
 from p2pcold.swarm import _procs
 from p2pcold.swarm import dht as swarm_dht
 from p2pcold.swarm.auth import MemberGate, MemberTag, RunSecret
+from p2pcold.swarm.fusion_result import FusionResult, FusionStatus, GroupMember
+from p2pcold.swarm.group_key import ITERATION_BITS, averaging_prefix, group_key, iteration_group_bits
 from p2pcold.swarm.identity import body_schema_hash
 from p2pcold.swarm.moshpit import MoshpitPlan, round_group_bits
 from p2pcold.swarm.robust_reduce import RobustAllReduceRunner, part_size_bytes
-from p2pcold.swarm.records import owner_peer_id, record_owner
 from p2pcold.swarm.state_check import StateCheck
+from p2pcold.swarm.verdicts import GroupVerdicts, group_step_timeout_s, verdict_key, verdict_wait_s
 from p2pcold.utils import P2PColdError, get_logger
 
 logger = get_logger(__name__)
 
-ITERATION_BITS = 32  # group bits per key: iterations 0 .. 2**32-1
 MAX_DONORS_ASKED = 8  # a state download asks at most this many donors in turn
-# A member re-reads its group's verdicts this often (at most poll_interval): they land within about a
-# second of each other, and each read sooner ends the boundary sooner on every member.
-VERDICT_READ_INTERVAL_S = 0.1
 _ABORTED = "stopped looking for a group: the caller's abort check fired"
 _GATHER_VERSION = 1
-
-
-def averaging_prefix(run_id: str) -> str:
-    """hivemind's averaging prefix for a run: no dots allowed, unique per run id."""
-    readable = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:40]
-    return f"p2pcold-{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
-
-
-def iteration_group_bits(iteration: int) -> str:
-    if not 0 <= iteration < 2**ITERATION_BITS:
-        raise P2PColdError(f"swarm: iteration {iteration} is outside 0..2**{ITERATION_BITS}-1")
-    return format(iteration, f"0{ITERATION_BITS}b")
 
 
 def make_compression(name: str) -> CompressionBase:
@@ -115,68 +97,12 @@ def make_compression(name: str) -> CompressionBase:
     raise P2PColdError(f"swarm: unknown compression {name!r}")
 
 
-class FusionStatus(str, enum.Enum):
-    OK = "ok"  # fused with a group; `averaged` holds the group's body under the run's aggregation rule
-    NO_GROUP = "no_group"  # no other peer at this iteration before the deadline
-    FAILED = "failed"  # a group formed, but no all-reduce attempt completed cleanly before the deadline
-    ABORTED = "aborted"  # the caller's `abort` check said to stop looking (e.g. the swarm moved on)
-
-
-@dataclass
-class GroupMember:
-    peer_id: str
-    weight: float
-    metadata: dict
-
-
-@dataclass
-class FusionResult:
-    """Outcome of one `BodyAverager.fuse` call."""
-
-    status: FusionStatus
-    iteration: int
-    averaged: dict[str, torch.Tensor] | None  # the fused body (new tensors; fusion.aggregate's rule); None unless OK
-    group_size: int = 0  # peers in the group that produced `averaged` (0 unless OK)
-    members: dict[str, GroupMember] = field(default_factory=dict)  # by peer id, this peer included
-    total_weight: float = 0.0
-    attempts: int = 0  # all-reduce attempts (matchmaking rounds) made
-    elapsed_s: float = 0.0
-    reason: str = ""  # why it is not OK (last failure), for logs
-    rounds: list[str] = field(default_factory=list)  # Moshpit rounds: each round's status, or "alone" (a cell of one)
-
-    @property
-    def ok(self) -> bool:
-        return self.status is FusionStatus.OK
-
-
-def verdict_wait_s(config: SwarmConfig) -> float:
-    """How long after its own all-reduce began a member waits for every member's verdict on it.
-
-    A member's reduce is cut off `allreduce_timeout` after it began; members begin at most one sender
-    timeout (`next_chunk_timeout`) apart, since a later one is excluded by the reducers, who then report
-    the failure themselves; publishing a verdict takes at most `dht_request_timeout`.
-    """
-    return config.allreduce_timeout + config.next_chunk_timeout + config.dht_request_timeout
-
-
-def group_step_timeout_s(config: SwarmConfig) -> float:
-    """hivemind's bound on one group's work (its `allreduce_timeout`), so that it never cuts the verdicts
-    short: its set-up before the reduce (the tensor lock: `local_rpc_timeout`), the verdict wait, and
-    the last read of the verdicts (`dht_request_timeout`)."""
-    return config.local_rpc_timeout + verdict_wait_s(config) + config.dht_request_timeout
-
-
 def cancel_step(control: StepControl) -> None:
     """Cancel a step so that its matchmaking stops. hivemind's `StepControl.cancel()` wakes the averager
     (its cancel future) before it marks the step cancelled; a step woken in between finds it not
     cancelled and looks on, under whatever key is current, until its deadline."""
     MPFuture.cancel(control)  # the shared state first: hivemind's check reads it
     control.cancel()
-
-
-def verdict_key(prefix: str, group_id: bytes) -> str:
-    """The DHT key under which the members of one all-reduce group publish their verdicts."""
-    return f"{prefix}.verdict.{group_id.hex()}"
 
 
 class _SwarmAverager(DecentralizedAverager):
@@ -195,11 +121,21 @@ class _SwarmAverager(DecentralizedAverager):
     member is seen by all of them, and they retry together.
     """
 
-    def __init__(self, *args, state_provider, swarm_config: SwarmConfig, member_gate: MemberGate | None, aggregation: AggregationConfig, **kwargs):
+    def __init__(
+        self,
+        *args,
+        state_provider: Callable[[], tuple],
+        swarm_config: SwarmConfig,
+        member_gate: MemberGate | None,
+        aggregation: AggregationConfig,
+        verdicts: GroupVerdicts,
+        **kwargs,
+    ):
         self._state_provider = state_provider
         self._swarm_config = swarm_config
         self._member_gate = member_gate
         self._aggregation = aggregation
+        self._verdicts = verdicts
         self._p2pcold_parent = os.getpid()
         super().__init__(*args, **kwargs)
 
@@ -322,11 +258,11 @@ class _SwarmAverager(DecentralizedAverager):
         except Exception as e:  # the P2P errors of a broken stream
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         key = verdict_key(self.prefix, group_id)
-        await self._publish_verdict(key, problem)
+        await self._verdicts.publish(key, problem)
         if problem:
             raise AllreduceException(problem)
         members = [str(peer) for peer in group_info.peer_ids]
-        await self._await_clean_verdicts(key, members, until=began + verdict_wait_s(config))
+        await self._verdicts.await_clean(key, members, until=began + verdict_wait_s(config))
 
     async def _reduce(self, tensors, group_info, group_id, **kwargs) -> None:
         """hivemind's all-reduce with p2pcold's reducers, failed when it was partial on this member's side."""
@@ -364,58 +300,6 @@ class _SwarmAverager(DecentralizedAverager):
             self.last_updated = get_dht_time()
             self._state_updated.set()
 
-    async def _publish_verdict(self, key: str, problem: str) -> None:
-        timeout = self._swarm_config.dht_request_timeout
-        verdict = {"clean": not problem, "reason": problem[:300]}
-        try:
-            await asyncio.wait_for(
-                self.dht.store(
-                    key,
-                    verdict,
-                    expiration_time=get_dht_time() + verdict_wait_s(self._swarm_config) + timeout,
-                    subkey=record_owner(self.dht),  # owned: no other member can write this member's verdict
-                    return_future=True,
-                ),
-                timeout,
-            )
-        except Exception as e:  # a timeout or a DHT error: the others then miss this verdict and fail
-            logger.warning("the verdict on an all-reduce was not stored within %.1f s (%r)", timeout, e)
-
-    async def _await_clean_verdicts(self, key: str, members: list[str], until: float) -> None:
-        """Return once every member published a clean verdict; raise on a failed or a missing one."""
-        config = self._swarm_config
-        while True:
-            verdicts = await self._read_verdicts(key)
-            failed = {peer: verdicts[peer] for peer in members if verdict_failed(verdicts.get(peer))}
-            if failed:
-                peer, verdict = next(iter(failed.items()))
-                reason = verdict.get("reason") if isinstance(verdict, dict) else None
-                raise AllreduceException(f"group member {peer} saw the all-reduce fail: {reason or verdict!r}")
-            missing = [peer for peer in members if peer not in verdicts]
-            if not missing:
-                return
-            if time.monotonic() >= until:
-                raise AllreduceException(
-                    f"no verdict from {', '.join(missing)} within {verdict_wait_s(config):.0f} s of the all-reduce"
-                )
-            await asyncio.sleep(min(config.poll_interval, VERDICT_READ_INTERVAL_S, max(0.0, until - time.monotonic())))
-
-    async def _read_verdicts(self, key: str) -> dict[str, Any]:
-        try:
-            found = await asyncio.wait_for(
-                self.dht.get(key, latest=True, return_future=True), self._swarm_config.dht_request_timeout
-            )
-        except Exception as e:  # a timeout or a DHT error: read again until the wait is over
-            logger.debug("reading the verdicts under %s: %r", key, e)
-            return {}
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        # by the peer id of each verdict's owner; an unowned verdict is nobody's
-        verdicts = {owner_peer_id(subkey): item.value for subkey, item in found.value.items()}
-        verdicts.pop(None, None)
-        return verdicts
-
-
 def _contributors(gathered: Mapping, direct: dict[str, GroupMember]) -> dict[str, GroupMember]:
     """Everyone whose body a group's result holds: its members, and in Moshpit rounds whoever each
     member had folded in before (the "folded" list it gathered: peer id, its own weight, metadata)."""
@@ -429,11 +313,6 @@ def _contributors(gathered: Mapping, direct: dict[str, GroupMember]) -> dict[str
     for peer, member in direct.items():
         everyone.setdefault(peer, member)
     return everyone
-
-
-def verdict_failed(verdict: Any) -> bool:
-    """A published verdict that is not a clean one (a malformed verdict counts as a failure)."""
-    return verdict is not None and not (isinstance(verdict, dict) and verdict.get("clean") is True)
 
 
 class BodyAverager:
@@ -511,6 +390,7 @@ class BodyAverager:
             swarm_config=config,
             member_gate=None if secret is None else MemberGate(secret, self.prefix, config.dht_request_timeout),
             aggregation=aggregation or AggregationConfig(),
+            verdicts=GroupVerdicts(dht, config),
             prefix=self.prefix,
             target_group_size=config.target_group_size,
             min_group_size=config.min_group_size,
@@ -560,7 +440,7 @@ class BodyAverager:
 
     def group_key(self, iteration: int) -> str:
         """The DHT key peers at `iteration` meet under (hivemind's `<prefix>.0b<bits>`)."""
-        return f"{self.prefix}.0b{iteration_group_bits(iteration)}"
+        return group_key(self.prefix, iteration)
 
     def fuse(
         self,

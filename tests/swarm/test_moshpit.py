@@ -101,7 +101,8 @@ def test_refuses_what_it_cannot_plan():
 
 
 def test_the_members_of_a_round_are_everyone_its_members_had_folded_in_and_malformed_entries_are_dropped():
-    from p2pcold.swarm.averaging import GroupMember, _contributors
+    from p2pcold.swarm.averaging import _contributors
+    from p2pcold.swarm.fusion_result import GroupMember
 
     direct = {"A": GroupMember("A", 2.0, {"dataset": "a"}), "C": GroupMember("C", 2.0, {"dataset": "c"})}  # weights of round 1
     gathered = {
