@@ -3,8 +3,9 @@
 Primitives (no model code; bodies are plain `dict[str, Tensor]`):
 - `start_dht` / `stop_dht` / `visible_maddrs`: a peer's DHT node and p2pd daemon (dht.py)
 - `RunIdentity`, `join_run`: agree on base model, θ0 and fused schema per run (identity.py)
-- `BodyAverager`: all-reduce of the body among peers at the same iteration, state sharing (averaging.py;
-  group_key.py, verdicts.py, fusion_result.py, swarm_averager.py)
+- `BodyAverager`: all-reduce of the body among peers at the same iteration, state sharing (averaging.py,
+  a facade over group_key.py, group_fusion.py, swarm_averager.py, verdicts.py, body_tensors.py,
+  state_sharing.py, fusion_result.py)
 - `PeerProgress`, `Phase`, `publish_progress`, `read_progress`: expiring per-peer status records (progress.py)
 - `SwarmTracker`: the one owner of a process's view of the swarm, one thread reading the DHT (tracker.py)
 - `boundary`: the pure decision at an iteration boundary, from a snapshot of that view (boundary.py)
