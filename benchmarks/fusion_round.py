@@ -220,8 +220,8 @@ def summarize(size, peers, repeats, variants, rounds, warmup, wire, memory) -> d
 def copy_costs(repeats: int = 3) -> list[dict]:
     """p2pcold's own work around the all-reduce, in this process on one thread, no network.
 
-    Calls the real `BodyAverager._write_tensors` / `_read_tensors` on a stand-in object (a plain lock,
-    the same tensors), then the finiteness check `_attempt` runs and `load_body_state`'s copy; and,
+    Calls the real `SharedTensors.write` / `read` (`BodyAverager`'s copies) with a plain lock, then the
+    finiteness check `GroupFusion.attempt` runs and `load_body_state`'s copy; and,
     interleaved, single-pass versions of the same work (`torch.sub(..., out=)`, `torch.add`), to show
     what fusing the passes would save."""
     import torch
@@ -243,37 +243,32 @@ def copy_costs(repeats: int = 3) -> list[dict]:
 def _copy_cost(size: str, shapes: list[tuple[int, ...]], repeats: int) -> dict:
     """One body size of `copy_costs`; its tensors are freed when it returns."""
     import threading
-    from types import SimpleNamespace
 
     import torch
 
-    from p2pcold.swarm import BodyAverager
+    from p2pcold.config import SwarmConfig
+    from p2pcold.swarm.body_tensors import BodySchema, SharedTensors
 
     names = [f"t{i:03d}" for i in range(len(shapes))]
     generator = torch.Generator().manual_seed(0)
     reference = {n: torch.randn(shape, generator=generator) for n, shape in zip(names, shapes)}
     body = {n: t + 1e-3 for n, t in reference.items()}
     model = {n: torch.empty_like(t) for n, t in reference.items()}
-    fake = SimpleNamespace(
-        _averager=SimpleNamespace(lock_averaged_tensors=threading.Lock()),
-        _names=names,
-        _tensors=[torch.zeros_like(reference[n]) for n in names],
-        _reference=reference,
-        _dtypes={n: torch.float32 for n in names},
-        config=SimpleNamespace(allreduce_timeout=60.0, local_rpc_timeout=60.0),
-    )
+    lock = threading.Lock()
+    config = SwarmConfig(allreduce_timeout=60.0, local_rpc_timeout=60.0)
+    shared = SharedTensors(BodySchema(reference), config, reference)
 
     def current():
-        BodyAverager._write_tensors(fake, body, 60.0)
-        averaged = BodyAverager._read_tensors(fake)
+        shared.write(body, lock, 60.0)
+        averaged = shared.read(lock)
         assert all(bool(torch.isfinite(t).all()) for t in averaged.values())
         for n in names:
             model[n].copy_(averaged[n])  # load_body_state
 
     def single_pass():
-        for n, tensor in zip(names, fake._tensors):
+        for n, tensor in zip(names, shared.tensors):
             torch.sub(body[n], reference[n], out=tensor)
-        for n, tensor in zip(names, fake._tensors):
+        for n, tensor in zip(names, shared.tensors):
             torch.add(tensor, reference[n], out=model[n])  # straight into the model
         assert all(bool(torch.isfinite(model[n]).all()) for n in names)
 

@@ -168,8 +168,8 @@ class FusionPeer:
                 run_id = f"bench-{self.o['tag']}-{group}-{compression}"
                 # As p2pcold's Peer does: θ0 is the template and the reference (deltas are averaged).
                 averager = BodyAverager(self.dht, run_id, self.theta0, config, reference=self.theta0)
-                averager._write_tensors = _Timed(averager._write_tensors)  # body - θ0 into shared memory
-                averager._read_tensors = _Timed(averager._read_tensors)  # shared memory + θ0 out
+                averager._tensors.write = _Timed(averager._tensors.write)  # body - θ0 into shared memory
+                averager._tensors.read = _Timed(averager._tensors.read)  # shared memory + θ0 out
                 averager._averager.lock_averaged_tensors = _TimedLock(averager._averager.lock_averaged_tensors)
                 self.averagers[variant] = averager
             elif variant == "bare":
@@ -249,7 +249,7 @@ class FusionPeer:
         if variant.startswith("p2pcold-"):
             # p2pcold's boundary step: matchmaking + all-reduce (fuse) + loading the average into the model
             averager = self.averagers[variant]
-            averager._write_tensors.seconds = averager._read_tensors.seconds = 0.0
+            averager._tensors.write.seconds = averager._tensors.read.seconds = 0.0
             averager._averager.lock_averaged_tensors.waited = 0.0
             result = averager.fuse(self.body, iteration=index, weight=1.0, share_result=False)
             if not result.ok:
@@ -259,8 +259,8 @@ class FusionPeer:
             info = {
                 "group_size": result.group_size,
                 "attempts": result.attempts,
-                "write_s": averager._write_tensors.seconds,
-                "read_s": averager._read_tensors.seconds,
+                "write_s": averager._tensors.write.seconds,
+                "read_s": averager._tensors.read.seconds,
                 "lock_wait_s": averager._averager.lock_averaged_tensors.waited,  # part of write_s + read_s
                 "fuse_s": fused_at - started,
                 "load_s": time.perf_counter() - fused_at,

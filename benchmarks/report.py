@@ -161,7 +161,8 @@ def fusion(results: dict) -> str:
         out += [
             "",
             "p2pcold's own copies around the all-reduce, in one process on one thread (no network): the real "
-            "`BodyAverager._write_tensors` + `_read_tensors` + the finiteness check + `load_body_state`'s copy, against the same "
+            "`SharedTensors.write` + `read` (`swarm/body_tensors.py`, `BodyAverager`'s copies) + "
+            "the finiteness check + `load_body_state`'s copy, against the same "
             "work in single passes (`torch.sub(body, θ0, out=shared)`, then `torch.add(shared, θ0, out=model)`):",
             "",
             _table(

@@ -31,7 +31,7 @@ from benchmarks.common import peak_rss_mib, reply, serve, tree_pss_mib, wait_unt
 from p2pcold.config import Budget, FinetuneConfig, RunConfig, SwarmConfig
 from p2pcold.peer import DecentralizedPeer
 from p2pcold.swarm import visible_maddrs
-from p2pcold.swarm.averaging import _SwarmAverager
+from p2pcold.swarm.swarm_averager import _SwarmAverager
 
 
 class AveragerClock:

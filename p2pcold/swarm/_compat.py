@@ -91,7 +91,7 @@ class _ExpectedOutcomes(logging.Filter):
 
 
 class _CancelledStepCleanup(logging.Filter):
-    """When a step is cancelled in matchmaking (`averaging.cancel_step`: the swarm left the boundary),
+    """When a step is cancelled in matchmaking (`group_fusion.cancel_step`: the swarm left the boundary),
     hivemind closes its matchmaking tasks while they await their own cancellation. That logs, from the
     averager process, a GeneratorExit traceback per task (`await_cancelled`), "Task was destroyed but it
     is pending!" for hivemind's averaging tasks, and a stream's "aclose(): asynchronous generator is

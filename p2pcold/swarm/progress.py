@@ -108,7 +108,8 @@ class PeerProgress:
 
 
 # Bounds of a progress record: generous for honest peers, small enough that no record can flood a reader.
-MAX_ITERATION = 2**32 - 1  # the group key's 32 bits (averaging.ITERATION_BITS); a run's own bound is lower
+# the group key's 32 bits (group_key.ITERATION_BITS); a run's own bound is lower
+MAX_ITERATION = 2**32 - 1
 MAX_ID_CHARS, MAX_NAME_CHARS, MAX_ERROR_CHARS = 100, 200, 600
 MAX_GROUP = 1024
 MAX_ATTEMPTS = 10**6

@@ -17,7 +17,8 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pcold.swarm.auth import RunSecret, SecretAuthorizer
-from p2pcold.swarm.averaging import _SwarmAverager, iteration_group_bits
+from p2pcold.swarm.group_key import iteration_group_bits
+from p2pcold.swarm.swarm_averager import _SwarmAverager
 
 
 def start_rogue_dht(member_maddr: str, secret: RunSecret | None) -> hivemind.DHT:

@@ -39,9 +39,7 @@ HUGE = 2**32
 
 def serve(averager: BodyAverager, iteration: int, body: dict[str, torch.Tensor]) -> None:
     """Serve `body` as the state of `iteration`, past set_shared_state's range check (a rogue may)."""
-    tensors = tuple(body[name].detach().float().contiguous() for name in averager._names)
-    with averager._state_lock:
-        averager._shared = (iteration, tensors)
+    averager._served.set(iteration, body)
     averager._averager.state_sharing_priority = float(iteration)
     averager._averager.allow_state_sharing = True
 

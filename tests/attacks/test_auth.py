@@ -20,7 +20,7 @@ import torch
 
 from p2pcold.swarm import BodyAverager, FusionStatus, PeerProgress, Phase, read_progress, start_dht, visible_maddrs
 from p2pcold.swarm.auth import TAG_REREAD_INTERVAL_S, RunSecret, load_secret, member_tag, members_key
-from p2pcold.swarm.averaging import averaging_prefix
+from p2pcold.swarm.group_key import averaging_prefix
 from p2pcold.swarm.progress import progress_key
 from p2pcold.utils import P2PColdError
 

@@ -24,22 +24,24 @@ import time
 from hivemind.averaging.allreduce import AllReduceRunner
 
 from p2pcold import cli
-from p2pcold.swarm import averaging
+from p2pcold.swarm import BodyAverager, FusionResult, FusionStatus
 
 INJECTED = "injected: the group split in matchmaking; this peer was left out"
 STALLED = "injected: this reducer stalls past reducer_timeout in group"
 
 
 def fail_fuse_at(iteration: int) -> None:
-    real_fuse = averaging.BodyAverager.fuse
+    real_fuse = BodyAverager.fuse
 
     def fuse(self, body, at_iteration, weight, deadline_s=None, metadata=None, **options):
         if at_iteration != iteration:
             return real_fuse(self, body, at_iteration, weight, deadline_s, metadata, **options)
-        time.sleep(self.config.matchmaking_time / 2)
-        return averaging.FusionResult(averaging.FusionStatus.FAILED, at_iteration, None, attempts=1, elapsed_s=self.config.matchmaking_time / 2, reason=INJECTED)
+        waited = self.config.matchmaking_time / 2
+        time.sleep(waited)
+        failed = FusionStatus.FAILED
+        return FusionResult(failed, at_iteration, None, attempts=1, elapsed_s=waited, reason=INJECTED)
 
-    averaging.BodyAverager.fuse = fuse
+    BodyAverager.fuse = fuse
 
 
 def stall_reducer_in_first_groups(groups: int) -> None:

@@ -35,12 +35,12 @@ def main() -> None:
 
     from p2pcold.config import AggregationConfig, SwarmConfig
     from p2pcold.swarm import BodyAverager, start_dht, visible_maddrs
-    from p2pcold.swarm import averaging as swarm_averaging
+    from p2pcold.swarm import swarm_averager
     from p2pcold.swarm.moshpit import plan_rounds
 
     if options.get("stall_marker"):
         marker = options["stall_marker"]
-        original = swarm_averaging._SwarmAverager._run_allreduce_inplace_
+        original = swarm_averager._SwarmAverager._run_allreduce_inplace_
 
         armed = options.get("stall_armed")
 
@@ -52,11 +52,11 @@ def main() -> None:
             time.sleep(600)  # freezes this peer's averager event loop; the test kills the process group
             return await original(self, tensors, group_info, group_id=group_id, **kwargs)
 
-        swarm_averaging._SwarmAverager._run_allreduce_inplace_ = stalling
+        swarm_averager._SwarmAverager._run_allreduce_inplace_ = stalling
 
     if options.get("pause_marker"):
         marker, hold_s = options["pause_marker"], options.get("pause_hold_s", 1.0)
-        original = swarm_averaging._SwarmAverager._run_allreduce_inplace_
+        original = swarm_averager._SwarmAverager._run_allreduce_inplace_
 
         async def pausing(self, tensors, group_info, group_id=None, **kwargs):
             if not os.path.exists(marker):
@@ -65,19 +65,20 @@ def main() -> None:
                 time.sleep(hold_s)  # blocks the event loop: the test stops the process meanwhile
             return await original(self, tensors, group_info, group_id=group_id, **kwargs)
 
-        swarm_averaging._SwarmAverager._run_allreduce_inplace_ = pausing
+        swarm_averager._SwarmAverager._run_allreduce_inplace_ = pausing
 
     if options.get("fail_own_side_once"):
-        original_reduce = swarm_averaging._SwarmAverager._reduce
+        original_reduce = swarm_averager._SwarmAverager._reduce
         failed = []
 
         async def failing_once(self, *args, **kwargs):
             await original_reduce(self, *args, **kwargs)
             if not failed:
                 failed.append(True)
-                raise swarm_averaging.AllreduceException("injected: a reducer timed out on this member's side only")
+                injected = "injected: a reducer timed out on this member's side only"
+                raise swarm_averager.AllreduceException(injected)
 
-        swarm_averaging._SwarmAverager._reduce = failing_once
+        swarm_averager._SwarmAverager._reduce = failing_once
 
     config = SwarmConfig(**options.get("config", {}))
     dht = start_dht(config, options.get("initial_peers", []))

@@ -19,7 +19,7 @@ import torch
 from hivemind.utils.mpfuture import SharedBytes
 
 from p2pcold.swarm import FusionStatus, _procs, visible_maddrs
-from p2pcold.swarm.averaging import group_step_timeout_s
+from p2pcold.swarm.verdicts import group_step_timeout_s
 
 from helpers import FAST, fast_config, fuse_all, weighted_mean
 

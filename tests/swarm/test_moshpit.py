@@ -101,14 +101,15 @@ def test_refuses_what_it_cannot_plan():
 
 
 def test_the_members_of_a_round_are_everyone_its_members_had_folded_in_and_malformed_entries_are_dropped():
-    from p2pcold.swarm.averaging import GroupMember, _contributors
+    from p2pcold.swarm.fusion_result import GroupMember
+    from p2pcold.swarm.group_fusion import contributors
 
     direct = {"A": GroupMember("A", 2.0, {"dataset": "a"}), "C": GroupMember("C", 2.0, {"dataset": "c"})}  # weights of round 1
     gathered = {
         "A": {"folded": [["A", 1.0, {"dataset": "a"}], ["B", 1.0, {"dataset": "b"}]]},
         "C": {"folded": [["C", 1.0, {"dataset": "c"}], ["D", 1.0, {"dataset": "d"}], ["E"], [3, 1.0, {}], ["F", "x", {}], "junk"]},
     }
-    members = _contributors(gathered, direct)
+    members = contributors(gathered, direct)
     assert sorted(members) == ["A", "B", "C", "D"]
     assert {peer: m.weight for peer, m in members.items()} == {"A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0}  # their own weights
-    assert _contributors({"A": {}, "C": {}}, direct) == direct  # one group: its members
+    assert contributors({"A": {}, "C": {}}, direct) == direct  # one group: its members

@@ -16,7 +16,7 @@ import torch
 from p2pcold.config import AggregationConfig
 from p2pcold.fusion import average
 from p2pcold.swarm import FusionStatus, start_dht, visible_maddrs
-from p2pcold.swarm.averaging import group_step_timeout_s
+from p2pcold.swarm.verdicts import group_step_timeout_s
 from p2pcold.swarm.moshpit import plan_rounds
 
 from helpers import FAST, fast_config

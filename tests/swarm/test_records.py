@@ -10,7 +10,7 @@ import pytest
 
 from p2pcold.config import SwarmConfig
 from p2pcold.swarm import PeerProgress, RunIdentity
-from p2pcold.swarm.averaging import group_step_timeout_s, verdict_failed, verdict_wait_s
+from p2pcold.swarm.verdicts import group_step_timeout_s, verdict_failed, verdict_wait_s
 
 PROGRESS = PeerProgress(peer_id="Qm1", dataset="sst2", iteration=3, phase="finetuning", train_loss=0.5)
 IDENTITY = RunIdentity(
