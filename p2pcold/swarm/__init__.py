@@ -22,8 +22,8 @@ from p2pcold.swarm.averaging import (
     GroupMember,
     averaging_prefix,
     iteration_group_bits,
-    make_compression,
 )
+from p2pcold.swarm.compression import make_compression
 from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visible_maddrs
 from p2pcold.swarm.identity import RunIdentity, body_schema_hash, join_run
 from p2pcold.swarm.progress import FusionOutcome, PeerProgress, Phase, publish_progress, read_progress
