@@ -560,6 +560,7 @@ class BodyAverager:
         abort: Callable[[], bool] | None = None,
         plan: MoshpitPlan | None = None,
         expected_size: int | None = None,
+        reference: Mapping[str, torch.Tensor] | None = None,
     ) -> FusionResult:
         """Average `body` with the peers at the same `iteration`; blocks at most about
         `deadline_s + group_step_timeout_s(config) + local_rpc_timeout` seconds (per round, with `plan`).
@@ -584,6 +585,11 @@ class BodyAverager:
         peers a boundary's records show there, the Repository's ready contributors). The group then
         assembles as soon as they are all in instead of when `matchmaking_time` runs out; with fewer,
         it still assembles then. Without it (or with a `plan`), config.target_group_size caps a group.
+
+        `reference` (optional, the fused schema): this call's reference instead of the constructor's. A
+        lossy compression's peers pass the base of the iteration being fused (θ_i, which the members share
+        up to the compression's own error), so that only this iteration's update is quantized
+        (`compression.fuse_reference`).
         """
         deadline_s = self.config.boundary_deadline if deadline_s is None else float(deadline_s)
         if deadline_s <= self.config.matchmaking_time:
@@ -603,10 +609,17 @@ class BodyAverager:
         started = time.monotonic()
         end = started + deadline_s
         self._publish_member_tag()
-        if plan is None or plan.single_group:
-            result = self._fuse_group(body, iteration, bits, float(weight), gather, end, abort, expected_size=expected_size)
-        else:
-            result = self._fuse_rounds(body, iteration, float(weight), gather, end, abort, plan)
+        kept_reference = self._reference
+        if reference is not None:
+            self._check_schema(reference, "reference")
+            self._reference = {n: reference[n].detach().to("cpu", torch.float32) for n in self._names}
+        try:
+            if plan is None or plan.single_group:
+                result = self._fuse_group(body, iteration, bits, float(weight), gather, end, abort, expected_size=expected_size)
+            else:
+                result = self._fuse_rounds(body, iteration, float(weight), gather, end, abort, plan)
+        finally:
+            self._reference = kept_reference
         result.elapsed_s = time.monotonic() - started
         if share_result and result.averaged is not None:
             self.set_shared_state(iteration, result.averaged)
