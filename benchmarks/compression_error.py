@@ -13,7 +13,8 @@ into parts of `fusion.BLOCK_VALUES` values, each part through the compression's 
 A second table sweeps the block size of `block8` / `block4` (64 .. 4096 values a scale) on the same
 updates with `p2pcold.quantization` directly.
 
-Run: python -m benchmarks.compression_error   (~2 minutes on 2 quiet cores; prints both tables and
+Run: python -m benchmarks.compression_error   (19 min on the 2 shared cores under load 8-19, 11.5 of
+them the two finetunings; prints both tables and
 writes benchmarks/compression_error.json)
 """
 
