@@ -586,10 +586,12 @@ class SwarmConfig(_Section):
     theta0_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     # --- averaging
-    # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression) or `8bit`
-    # (Uniform8BitQuantization; pass reference=θ0 to BodyAverager with lossy modes, see
-    # docs/protocol-primitives.md). State downloads are always sent uncompressed.
-    compression: Literal["none", "fp16", "8bit"] = "none"
+    # Wire compression of the all-reduce: `none` (exact fp32), `fp16` (Float16Compression), `8bit`
+    # (hivemind's Uniform8BitQuantization: one grid per part, mean ± 3σ), `block8` / `block4` (8 / 4 bits
+    # a value with one absmax scale per 256 values: swarm/compression.py). A lossy mode sends each peer's
+    # body minus the base of the iteration being fused, not minus θ0 (docs/protocol-primitives.md).
+    # State downloads are always sent uncompressed.
+    compression: Literal["none", "fp16", "8bit", "block8", "block4"] = "none"
     # None: one group of everyone at a boundary, which assembles as soon as the peers the records show
     # there are all in (else when the leader's `matchmaking_time` runs out). Set below the number of
     # peers at a boundary, the decentralized peers fuse in Moshpit rounds of groups this size
@@ -675,6 +677,7 @@ CONTRACT_FIELDS = (
     "fusion.outer_momentum", "fusion.nesterov",
     "aggregation.rule", "aggregation.robust_min_contributors", "aggregation.trim_fraction",
     "aggregation.weight_cap", "aggregation.norm_clip",
+    "swarm.compression",  # the wire codec, and whether peers send updates from θ_i or bodies from θ0
 )  # fmt: skip
 
 

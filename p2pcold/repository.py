@@ -20,6 +20,7 @@ from p2pcold.run_state import RunState
 from p2pcold.swarm import BodyAverager, FusionResult, FusionStatus, RunIdentity, SwarmTracker, join_run
 from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import connected_datasets, done_datasets, ready_contributors
+from p2pcold.swarm.compression import fuse_reference
 from p2pcold.utils import P2PColdError, get_logger
 
 log = get_logger("repository")
@@ -114,9 +115,17 @@ class Repository:
         end = time.monotonic() + self.swarm.boundary_deadline
         attempts, fused, got = 0, None, []
         while end - time.monotonic() > self.swarm.matchmaking_time + 1:
+            reference = fuse_reference(self.swarm.compression, self.state.base)
             fused = self.averager.fuse(
-                self.state.base, i, 0.0, end - time.monotonic(), {"dataset": "(repository)"}, share_result=False, expected_size=len(ready) + 1
-            )  # fmt: skip
+                self.state.base,
+                i,
+                0.0,
+                end - time.monotonic(),
+                {"dataset": "(repository)"},
+                share_result=False,
+                expected_size=len(ready) + 1,
+                reference=reference,
+            )
             attempts += fused.attempts
             got = contributing_datasets(fused)
             if fused.ok and got == ready:

@@ -10,7 +10,7 @@ PACKAGE = Path(p2pcold.__file__).parent
 LAYER = {
     "utils": 0, "testing": 0,
     "config": 1, "files": 1,
-    "data": 2, "model": 2, "fusion": 2, "results": 2, "run_folder": 2, "scalars": 2,
+    "data": 2, "model": 2, "fusion": 2, "quantization": 2, "results": 2, "run_folder": 2, "scalars": 2,
     "finetune": 3, "swarm": 3, "merging": 3,
     "run_state": 4, "evaluate": 4, "publish": 4,
     "local_run": 5, "peer": 5, "repository": 5, "monitor": 5,

@@ -28,6 +28,7 @@ from p2pcold.swarm import (
 )
 from p2pcold.swarm.auth import RunSecret
 from p2pcold.swarm.boundary import duplicate_dataset_peers
+from p2pcold.swarm.compression import fuse_reference
 from p2pcold.swarm.moshpit import MoshpitPlan
 from p2pcold.swarm.reachability import Mode, join_swarm
 from p2pcold.swarm.validation import run_record_validators
@@ -163,7 +164,9 @@ class SwarmPeer:
         metadata = {"dataset": self.name, "examples": contribution.result.examples}
         # share_result=False: the caller decides what this peer serves, and under which iteration.
         body = self.state.contribution(contribution.body, self.name)  # the merge method's part at the contributor
-        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, share_result=False, abort=abort, plan=plan, expected_size=expected_size)
+        reference = fuse_reference(self.config.swarm.compression, self.state.base)
+        options = dict(share_result=False, abort=abort, plan=plan, expected_size=expected_size, reference=reference)
+        return self.averager.fuse(body, self.iteration, self._weight(contribution), deadline_s, metadata, **options)
 
     def _log_boundary(self, produced: int, group_size: int, seconds: float) -> None:
         """The boundary that produced θ_`produced`: its time and group, in the record and the event files."""

@@ -17,7 +17,8 @@ Every network wait is bounded by a named `SwarmConfig` timeout; see docs/protoco
 Importing this package changes nothing in hivemind: `start_dht` applies p2pcold's fixes (`_compat.apply`).
 """
 
-from p2pcold.swarm.averaging import BodyAverager, make_compression
+from p2pcold.swarm.averaging import BodyAverager
+from p2pcold.swarm.compression import make_compression
 from p2pcold.swarm.fusion_result import FusionResult, FusionStatus, GroupMember
 from p2pcold.swarm.group_key import averaging_prefix, iteration_group_bits
 from p2pcold.swarm.dht import is_client_mode, peer_id, start_dht, stop_dht, visible_maddrs

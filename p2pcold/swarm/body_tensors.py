@@ -8,8 +8,9 @@ body back after it, under the averager's tensor lock; with a `reference` (θ0) t
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -67,6 +68,18 @@ class SharedTensors:
             schema.check(reference, "reference")
             self.reference = {n: reference[n].detach().to("cpu", torch.float32).clone() for n in schema.names}
         self.tensors = [torch.zeros(schema.shapes[name], dtype=torch.float32) for name in schema.names]
+
+    @contextlib.contextmanager
+    def referenced_to(self, reference: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+        """`reference` in place of the constructor's until the block ends (None: the constructor's)."""
+        kept = self.reference
+        if reference is not None:
+            self.schema.check(reference, "reference")
+            self.reference = {n: reference[n].detach().to("cpu", torch.float32) for n in self.schema.names}
+        try:
+            yield
+        finally:
+            self.reference = kept
 
     def write(self, body: Mapping[str, torch.Tensor], lock, timeout: float) -> bool:
         """Copy `body` (minus the reference) in; False if the lock stayed taken (at most

@@ -69,9 +69,13 @@ class RobustPartReducer(TensorPartReducer):
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> torch.Tensor:
-        """Buffer a sender's part; once every current sender's arrived, return the fused part."""
+        """Buffer a sender's part; once every current sender's arrived, return the fused part. A part of
+        another shape or a non-float dtype is refused (ValueError) before it counts as received: hivemind
+        then bans its sender, and the others' parts are fused without it."""
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
+        if tensor_part.shape != self.part_shapes[part_index] or not tensor_part.is_floating_point():
+            raise ValueError(f"sender {sender_index} sent part {part_index} as {tensor_part.dtype} {tuple(tensor_part.shape)[:4]}")
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:  # the previous parts are still being fused
             await asyncio.wait(

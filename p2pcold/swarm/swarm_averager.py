@@ -28,6 +28,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from p2pcold.config import AggregationConfig, SwarmConfig
 from p2pcold.swarm import _procs
 from p2pcold.swarm.auth import MemberGate
+from p2pcold.swarm.compression import install_codec
 from p2pcold.swarm.robust_reduce import RobustAllReduceRunner
 from p2pcold.swarm.verdicts import GroupVerdicts, verdict_key, verdict_wait_s
 from p2pcold.utils import P2PColdError, get_logger
@@ -73,6 +74,7 @@ class _SwarmAverager(DecentralizedAverager):
 
     def run(self):  # in the forked averager process
         _procs.setup_forked_child(self._p2pcold_parent)
+        install_codec(self.allreduce_kwargs["compression"])  # this process (de)serializes the parts
         super().run()
 
     # The averaging RPCs of a private swarm serve members only (see p2pcold.swarm.auth): a caller whose

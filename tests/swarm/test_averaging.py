@@ -167,6 +167,33 @@ def test_lossy_compression_stays_close_to_the_exact_average(swarm):
         assert error.pow(2).mean() * 10 < raw_8bit[0].pow(2).mean()  # raw 8-bit weights are much worse
 
 
+@pytest.mark.timeout(150)
+def test_block_quantization_of_this_iterations_update_stays_close_to_the_exact_average(swarm):
+    """Late in a run the base θ_i is far from θ0: quantizing body − θ_i (the `reference` passed to fuse)
+    errs in proportion to this iteration's update, quantizing body − θ0 in proportion to all updates."""
+    dhts = swarm.start(2, fast_config())
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"dense.weight": (200, 250), "dense.bias": (250,), "norm.weight": (250,)}
+    theta0 = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in shapes.items()}
+    base = {k: v + torch.randn(v.shape, generator=generator) * 2e-2 for k, v in theta0.items()}  # many iterations on
+    bodies = [{k: v + torch.randn(v.shape, generator=generator) * 1e-3 for k, v in base.items()} for _ in range(2)]
+    weights = [1.0, 2.0]
+    exact = weighted_mean(bodies, weights)
+    update = torch.cat([(exact[k] - base[k]).flatten() for k in exact]).abs().mean()
+
+    def max_errors(compression, reference):
+        config = fast_config(compression=compression, target_group_size=2)
+        averagers = [swarm.averager(d, f"block-{compression}-{reference is None}", theta0, config, reference=theta0) for d in dhts]
+        results = fuse_all(averagers, bodies, [0, 0], weights, deadline=15.0, reference=reference)
+        assert all(r.ok for r in results), [r.reason for r in results]
+        return [max((r.averaged[k] - exact[k]).abs().max().item() for k in exact) for r in results]
+
+    from_base = max_errors("block8", base)
+    assert max(from_base) < 0.1 * update
+    assert max(from_base) * 4 < min(max_errors("block8", None))  # against θ0: the drift is quantized too
+    assert max(max_errors("block4", base)) < 1.0 * update
+
+
 _CANCELLED_ONCE = []  # per averager process: forked children inherit the patch and an empty list
 
 

@@ -32,7 +32,7 @@ def test_bad_settings_are_refused(fields, message):
 
 
 def test_unknown_compression_is_refused():
-    with pytest.raises(P2PColdError, match="compression='4bit': must be 'none', 'fp16' or '8bit'"):
+    with pytest.raises(P2PColdError, match="compression='4bit': must be 'none', 'fp16', '8bit', 'block8' or 'block4'"):
         from_dict(SwarmConfig, {"compression": "4bit"})
 
 

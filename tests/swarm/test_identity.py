@@ -123,6 +123,7 @@ def test_a_different_run_contract_names_each_field_and_both_values():
     ]
     assert run_contract(mine)["finetune.batch_size"] == mine.finetune.batch_size and "finetune.budget" not in run_contract(mine)
     assert run_contract(mine)["aggregation.rule"] == "auto"  # every reducer must fuse with the same rule
+    assert run_contract(mine)["swarm.compression"] == "none"  # the codec, and the reference of the deltas
 
 
 @pytest.mark.timeout(90)

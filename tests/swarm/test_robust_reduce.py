@@ -10,7 +10,7 @@ from hivemind.averaging.partition import TensorPartContainer
 
 from p2pcold.config import AggregationConfig
 from p2pcold.fusion import BLOCK_VALUES, aggregate_block
-from p2pcold.swarm.averaging import make_compression
+from p2pcold.swarm.compression import make_compression
 from p2pcold.swarm.robust_reduce import RobustPartReducer, part_size_bytes
 
 
@@ -55,7 +55,30 @@ def test_a_banned_sender_is_left_out_as_in_hivemind():
 
 def test_hivemind_cuts_parts_of_exactly_one_block_for_every_compression():
     tensors = [torch.zeros(2 * BLOCK_VALUES + 5), torch.zeros(7)]
-    for name in ("none", "fp16", "8bit"):
+    for name in ("none", "fp16", "8bit", "block8", "block4"):
         compression = make_compression(name)
         container = TensorPartContainer(tensors, (1.0,), compression=compression, part_size_bytes=part_size_bytes(compression))
         assert [len(part) for part in container.get_raw_input_parts(0)] == [BLOCK_VALUES, BLOCK_VALUES, 5, 7], name
+
+
+def test_a_part_of_the_wrong_shape_is_refused_and_its_sender_banned_without_stalling_the_others():
+    parts = [[torch.full((4,), float(s)), torch.full((2,), float(s))] for s in range(3)]
+
+    async def both():
+        reducer = RobustPartReducer([p.shape for p in parts[0]], 3, AggregationConfig(), lambda sender: None)
+        with_error = None
+        try:
+            await reducer.accumulate_part(2, 0, torch.zeros(5), 1.0)
+        except ValueError as e:
+            with_error = e
+            reducer.on_sender_failed(2)
+
+        async def send(sender):
+            return [await reducer.accumulate_part(sender, i, part, 1.0) for i, part in enumerate(parts[sender])]
+
+        results = await asyncio.gather(send(0), send(1))
+        return with_error, results, reducer.finished.is_set()
+
+    error, results, finished = asyncio.run(both())
+    assert isinstance(error, ValueError) and finished
+    assert all(r[0].tolist() == [0.5] * 4 and r[1].tolist() == [0.5] * 2 for r in results)
