@@ -1,16 +1,21 @@
 """Issue 27: a member accepts a fused body only when no tensor moved more than `aggregation.max_update_ratio`
-times its own update (fusion.overshoot), on plain tensors."""
+times its own update (fusion.overshoot), on plain tensors; and the decentralized peer's boundary counts a
+refused body as a failed fusion (its averager and records scripted here, no network)."""
 
 from __future__ import annotations
 
 import math
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from p2pcold import testing
-from p2pcold.config import AggregationConfig, ConfigError, RunConfig, run_contract
+from p2pcold.config import AggregationConfig, ConfigError, RunConfig, SwarmConfig, run_contract
 from p2pcold.fusion import ROUNDING, aggregate, overshoot
+from p2pcold.peer import DecentralizedPeer
+from p2pcold.swarm import FusionResult, FusionStatus, GroupMember, PeerProgress, Phase, SwarmSnapshot
 
 SHAPES = {"encoder.weight": (64, 32), "encoder.bias": (32,), "embeddings.weight": (50, 16)}
 LIMIT = AggregationConfig().max_update_ratio
@@ -119,3 +124,85 @@ def test_the_allowance_covers_wire_noise_and_integer_tensors_are_not_updates():
     assert overshoot(noisy, own, base, LIMIT, allowance) is None
     ids = {"position_ids": torch.arange(8)}
     assert overshoot({**noisy, **ids}, {**own, **ids}, {**base, **ids}, LIMIT, allowance) is None
+
+
+# --------------------------------------------------------------------------- the peer's boundary
+
+
+class ScriptedAverager:
+    """Hands out the scripted FusionResults in turn, then the last one again, as BodyAverager.fuse would."""
+
+    def __init__(self, outcomes: list[FusionResult]):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, abort, plan, expected_size):
+        self.calls += 1
+        time.sleep(0.05)
+        return self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]  # the last one for ever
+
+
+class StaticTracker:
+    """One partner at the boundary of iteration 0; each read is a new snapshot."""
+
+    def __init__(self):
+        self.partner = PeerProgress("QmPartner", "partner", 0, Phase.AVERAGING)
+        self.progress = SimpleNamespace(last_fusion=None)
+
+    def snapshot(self) -> SwarmSnapshot:
+        return SwarmSnapshot(peers=(self.partner,), records=(self.partner,))
+
+    def wait_for_update(self, timeout: float) -> SwarmSnapshot:
+        time.sleep(min(timeout, 0.01))
+        return self.snapshot()
+
+    def update(self, **fields) -> None:
+        pass
+
+    def refresh_soon(self) -> None:
+        pass
+
+
+def boundary_peer(outcomes: list[FusionResult], own: dict, tmp_path) -> tuple[DecentralizedPeer, list]:
+    swarm = SwarmConfig(matchmaking_time=0.2, request_timeout=0.1, boundary_deadline=2.0, poll_interval=0.01)
+    peer = DecentralizedPeer(RunConfig(swarm=swarm), "mine", [], tmp_path)
+    base = base_body()
+    # the paper's fusion options: what a member sends is its body, θ_{i+1} the group's average itself
+    peer.state = SimpleNamespace(
+        iteration=0, base=base, theta0=base, contribution=lambda body, name: body, step=lambda mean, k: mean
+    )
+    peer.tracker, peer.averager = StaticTracker(), ScriptedAverager(outcomes)
+    finished: list = []
+    peer._finish_boundary = lambda body, record, *rest: finished.append((body, record))
+    return peer, finished
+
+
+def fused_result(averaged: dict) -> FusionResult:
+    members = {p: GroupMember(p, 1.0, {"dataset": p}) for p in ("QmMine", "QmPartner")}
+    return FusionResult(FusionStatus.OK, 0, averaged, group_size=2, members=members, attempts=1)
+
+
+def test_the_peer_refuses_a_poisoned_body_and_fuses_at_the_retry(tmp_path, caplog):
+    own, partner = honest(1), honest(2)
+    poisoned = fused_with(own, [testing.contribution("times_1e3", partner, seed=2)])
+    clean = aggregate([own, partner])
+    peer, finished = boundary_peer([fused_result(poisoned), fused_result(clean)], own, tmp_path)
+    peer._boundary(SimpleNamespace(body=own, result=SimpleNamespace(examples=10)))
+    assert peer.averager.calls == 2
+    [(body, record)] = finished
+    assert body is clean
+    assert record == {"status": "ok", "members": ["QmMine", "QmPartner"], "attempts": 2, "failure": None}
+    refused = [line for line in caplog.messages if "refused the body of a group of 2" in line]
+    assert len(refused) == 1 and "no fusion (refused the body of a group of 2: it moved encoder" in refused[0]
+    assert "times as far as our own update of it (at most 3)" in refused[0]
+
+
+def test_a_body_refused_until_the_deadline_leaves_the_peer_its_own_update(tmp_path):
+    own, partner = honest(1), honest(2)
+    poisoned = fused_with(own, [testing.contribution("noise", partner, seed=2)])
+    peer, finished = boundary_peer([fused_result(poisoned)], own, tmp_path)
+    peer._boundary(SimpleNamespace(body=own, result=SimpleNamespace(examples=10)))
+    [(body, record)] = finished
+    assert body is own  # θ_{i+1} = its own update (the paper's step of a group of one)
+    assert record["status"] == "failed" and record["members"] == ["mine"] and record["attempts"] >= 3
+    assert record["failure"].startswith("refused the body of a group of 2: it moved ")
