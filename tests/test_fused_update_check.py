@@ -18,7 +18,7 @@ from p2pcold.peer import DecentralizedPeer
 from p2pcold.swarm import FusionResult, FusionStatus, GroupMember, PeerProgress, Phase, SwarmSnapshot
 
 SHAPES = {"encoder.weight": (64, 32), "encoder.bias": (32,), "embeddings.weight": (50, 16)}
-LIMIT = AggregationConfig().max_update_ratio
+LIMIT = 3.0  # c for members with equal budgets
 
 
 def base_body(iteration: int = 0) -> dict[str, torch.Tensor]:
@@ -35,8 +35,8 @@ def fused_with(own: dict, others: list[tuple[dict, float]]) -> dict[str, torch.T
     return aggregate([own, *(body for body, _ in others)], [1.0, *(weight for _, weight in others)])
 
 
-def test_the_default_ratio_is_3_and_not_part_of_the_run_contract():
-    assert LIMIT == 3.0
+def test_the_default_ratio_is_30_and_not_part_of_the_run_contract():
+    assert AggregationConfig().max_update_ratio == 30.0
     with pytest.raises(ConfigError):
         AggregationConfig(max_update_ratio=0.5)
     strict = RunConfig(aggregation=AggregationConfig(max_update_ratio=1.5))
@@ -74,6 +74,8 @@ def test_a_rogue_in_a_small_group_is_refused(attack, group):
     rogue = testing.contribution(attack, honest(99), seed=99)
     refused = overshoot(fused_with(own, [*others, rogue]), own, base_body(), LIMIT)
     assert refused is not None and refused.tensor in SHAPES and refused.ratio > 10 * LIMIT
+    default = AggregationConfig().max_update_ratio
+    assert overshoot(fused_with(own, [*others, rogue]), own, base_body(), default) is not None
 
 
 def test_a_chosen_body_moves_each_tensor_at_most_the_ratio_times_our_own_update():
@@ -165,7 +167,8 @@ class StaticTracker:
 
 def boundary_peer(outcomes: list[FusionResult], own: dict, tmp_path) -> tuple[DecentralizedPeer, list]:
     swarm = SwarmConfig(matchmaking_time=0.2, request_timeout=0.1, boundary_deadline=2.0, poll_interval=0.01)
-    peer = DecentralizedPeer(RunConfig(swarm=swarm), "mine", [], tmp_path)
+    config = RunConfig(swarm=swarm, aggregation=AggregationConfig(max_update_ratio=LIMIT))
+    peer = DecentralizedPeer(config, "mine", [], tmp_path)
     base = base_body()
     # the paper's fusion options: what a member sends is its body, θ_{i+1} the group's average itself
     peer.state = SimpleNamespace(
