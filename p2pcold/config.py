@@ -212,7 +212,7 @@ class AggregationConfig(_Section):
     # fuses with the mean, and one rogue in it would move the body anywhere. An honest mean moves no
     # tensor further than the largest honest update: 30 passes members whose budgets differ 100x (honest
     # ratios up to 15 measured; 1.05 with equal budgets, where 3 is enough), and refuses each of issue
-    # 27's attacks (ratios of 357 and more). Not in the run contract: it decides only what this member
+    # 27's attacks (ratios of 307 and more). Not in the run contract: it decides only what this member
     # accepts.
     max_update_ratio: _number(float, ge=1) = 30.0
 
