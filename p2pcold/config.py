@@ -210,8 +210,9 @@ class FinetuneConfig(_Section):
 class AggregationConfig(_Section):
     """How one boundary's contributions become θ_{i+1} (issue 8): `p2pcold.fusion.aggregate`.
 
-    The local run and every all-reduce reducer compute the same rule, so every field is in the run
-    contract: peers with different rules would hold different bodies after the same boundary.
+    The local run and every all-reduce reducer compute the same rule, so every field but
+    `max_update_ratio` is in the run contract: peers with different rules would hold different bodies
+    after the same boundary. `max_update_ratio` is what one member accepts, decided by it alone.
     """
 
     # `mean`: the paper's weighted mean (one rogue member moves it anywhere). `trimmed_mean`: per value,
@@ -231,6 +232,15 @@ class AggregationConfig(_Section):
     # trimmed_mean only: a contribution whose distance from the group's per-value median exceeds this
     # multiple of the median such distance is pulled back to it (per block, see fusion.BLOCK_VALUES).
     norm_clip: _number(float, ge=1) = 3.0
+    # A member accepts a fused body only when, for every tensor, the group's average moved it at most this
+    # multiple of the member's own update (L2 norms of θ_{i+1} − θ_i against θ^c − θ_i, before the merge's
+    # scale and the outer step; fusion.overshoot). Else the fusion counts as failed: a group of 2 or 3
+    # fuses with the mean, and one rogue in it would move the body anywhere. An honest mean moves no
+    # tensor further than the largest honest update: 30 passes members whose budgets differ 100x (honest
+    # ratios up to 15 measured; 1.05 with equal budgets, where 3 is enough), and refuses each of issue
+    # 27's attacks (ratios of 307 and more). Not in the run contract: it decides only what this member
+    # accepts.
+    max_update_ratio: _number(float, ge=1) = 30.0
 
 
 class EvalConfig(_Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -230,6 +231,59 @@ def clip_to_center(rows: torch.Tensor, center: torch.Tensor, multiple: float) ->
         return None
     scale = torch.where(beyond, limit / distances.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
     return center + offsets * scale[:, None]
+
+
+# float32 keeps 24 bits: a fused value cast back from float64 is off by at most 2**-24 of itself. A fused
+# update within 16 times that of the base's norm is rounding, not an update.
+ROUNDING = 2.0**-20
+
+
+@dataclass(frozen=True)
+class Overshoot:
+    """The tensor whose fused update is largest against what this peer's own update allows it."""
+
+    tensor: str
+    ratio: float  # its fused update (less the allowances) over its yardstick; inf when this peer moved none
+
+
+def overshoot(
+    fused: StateDict,
+    own: StateDict,
+    base: StateDict,
+    limit: float,
+    allowance: Mapping[str, float] | None = None,
+) -> Overshoot | None:
+    """Whether a fused body is acceptable to a member of its group (issue 27): None when every float tensor
+    moved at most `limit` times its yardstick, else the tensor that exceeds it the most.
+
+    `own` is what this member put into the average and `base` the θ_i both started from. A tensor t's
+    yardstick is the larger of this member's own update of it, ||own_t − base_t||, and of what t's share
+    of values would have moved at this member's update's average rate, ||own − base|| x sqrt(n_t / n)
+    (L2 norms; n: the float values of the body): a tensor that this member's training barely moved,
+    and others' moved more (a bias no gradient reaches but Adam's noise, a layer norm), may move as
+    much as a typical one. An honest mean moves a tensor no further than the largest honest update of
+    it, so it passes while no honest member moved a tensor over `limit` times as far as this one.
+    `allowance`: per-tensor wire noise the caller expects (lossy compression), on top of float32
+    rounding (ROUNDING x ||base_t||). A non-finite fused tensor always exceeds.
+    """
+    check_same_schema([base, own, fused], ["base", "own", "fused"])
+    allowance = allowance or {}
+    names = [name for name in sorted(base) if base[name].is_floating_point()]
+    own_moves = {name: (own[name].double() - base[name].double()).norm().item() for name in names}
+    values = sum(base[name].numel() for name in names)
+    rate = math.sqrt(sum(move**2 for move in own_moves.values()) / max(values, 1))  # per value, RMS
+    worst: Overshoot | None = None
+    for name in names:
+        reference = base[name].double()
+        moved = (fused[name].double() - reference).norm().item()
+        yardstick = max(own_moves[name], rate * math.sqrt(reference.numel()))
+        excess = moved - allowance.get(name, 0.0) - ROUNDING * reference.norm().item()
+        if excess <= limit * yardstick:  # False for NaN: a non-finite tensor is refused
+            continue
+        ratio = excess / yardstick if yardstick > 0 and math.isfinite(excess) else math.inf
+        if worst is None or ratio > worst.ratio:
+            worst = Overshoot(name, ratio)
+    return worst
 
 
 def _agreed_copy(states: Sequence[StateDict], labels: Sequence[str], name: str) -> torch.Tensor:

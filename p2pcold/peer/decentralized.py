@@ -7,8 +7,10 @@ each iteration i:
         boundary left it with its own update while another peer of iteration i fused (boundary.decide_start)
     finetune θ_i on the local dataset (the same `Contributor` the reference run uses)
     at the boundary, until `boundary_deadline`, follow boundary.decide: wait for the peers still on
-        their way, all-reduce with the peers at i (retried with the same bodies after a failure; in
-        Moshpit rounds of `target_group_size` when they are more than that),
+        their way, all-reduce with the peers at i (retried with the same bodies after a failure, or
+        after a fused body this peer refuses: one that moved a tensor more than
+        `aggregation.max_update_ratio` times its own update; in Moshpit rounds of `target_group_size`
+        when they are more than that),
         adopt the swarm's newer base, or keep its own update (recorded: last_fusion failed / solo)
     θ_{i+1}: checkpoint (with what the boundary produced), serve it to late joiners
 at the end: adopt a fused final base if this peer's last boundary did not fuse, then keep serving
@@ -17,18 +19,25 @@ at the end: adopt a fused final base if this peer's last boundary did not fuse, 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from p2pcold.finetune import Contribution
+from p2pcold.fusion import overshoot
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
-from p2pcold.swarm import FusionOutcome, FusionStatus, Phase
+from p2pcold.swarm import FusionOutcome, FusionResult, FusionStatus, Phase
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, partners_at, peers_behind, stragglers, swarm_is_ahead, view_is_fresh, watchers_behind
 from p2pcold.swarm.moshpit import MoshpitPlan, plan_rounds
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
 from p2pcold.utils import state_dict_hash
+
+# How far lossy wire compression may move a fused tensor, as a share of the norm of what its members sent
+# (body − θ0): fp16 rounds each value to 11 bits on its way to the reducer and back; 8-bit quantization
+# loses 1.6-6.8 % relative RMS per leg (swarm.averaging.make_compression), twice that for a margin.
+WIRE_ERROR = {"none": 0.0, "fp16": 2.0**-9, "8bit": 0.25}
 
 
 class DecentralizedPeer(SwarmPeer):
@@ -185,6 +194,10 @@ class DecentralizedPeer(SwarmPeer):
                 expected = len(seen) + 1 if plan is None else None
                 fused = self._fuse(contribution, end - time.monotonic(), abort=abort, plan=plan, expected_size=expected)
                 attempts += fused.attempts
+                refusal = self._refusal(fused, contribution) if fused.ok else None
+                if refusal is not None:  # a failed fusion: logged below, and retried like any other
+                    reason = f"refused the body of a group of {fused.group_size}: {refusal}"
+                    fused = dataclasses.replace(fused, status=FusionStatus.FAILED, averaged=None, reason=reason)
                 if fused.ok:
                     members = sorted(m.metadata.get("dataset", "?") for m in fused.members.values())
                     rounds = f" in rounds {'/'.join(fused.rounds)}" if fused.rounds else ""
@@ -206,6 +219,20 @@ class DecentralizedPeer(SwarmPeer):
             own = self.state.step(self.state.contribution(contribution.body, self.name), 1)  # a group of one
             self._finish_boundary(own, fusion_record(outcome.value, [self.name], attempts, failure or decision.reason), 1, started)
             return
+
+    def _refusal(self, fused: FusionResult, contribution: Contribution) -> str | None:
+        """Why this peer refuses a group's fused body (one line), or None when it accepts it: no tensor
+        may have moved more than `aggregation.max_update_ratio` times this peer's own update of it
+        (fusion.overshoot), compared before the merge's scale and the outer step, which this peer applies
+        to an accepted body exactly as to its own."""
+        limit = self.config.aggregation.max_update_ratio
+        own = self.state.contribution(contribution.body, self.name)
+        share, theta0 = WIRE_ERROR[self.config.swarm.compression], self.state.theta0
+        allowance = {name: share * (own[name].double() - theta0[name].double()).norm().item() for name in own}
+        excess = overshoot(fused.averaged, own, self.state.base, limit, allowance)
+        if excess is None:
+            return None
+        return f"it moved {excess.tensor} {excess.ratio:.3g} times as far as our own update of it (at most {limit:g})"
 
     def _moshpit_plan(self, partners: tuple[str, ...]) -> MoshpitPlan | None:
         """Moshpit rounds when the boundary's members (datasets: unique per peer, so every member sorts
