@@ -138,7 +138,7 @@ class ScriptedAverager:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, abort, plan, expected_size):
+    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, abort, plan, expected_size, reference):
         self.calls += 1
         time.sleep(0.05)
         return self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]  # the last one for ever
