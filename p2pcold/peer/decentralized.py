@@ -29,15 +29,11 @@ from p2pcold.fusion import overshoot
 from p2pcold.peer.base import SwarmPeer, log
 from p2pcold.results import fusion_record
 from p2pcold.swarm import FusionOutcome, FusionResult, FusionStatus, Phase
+from p2pcold.swarm.compression import WIRE_ERROR_SHARE, fuse_reference
 from p2pcold.swarm.boundary import Adopt, Fuse, Solo, Wait, a_record_holds, decide, decide_start, partners_at, peers_behind, stragglers, swarm_is_ahead, view_is_fresh, watchers_behind
 from p2pcold.swarm.moshpit import MoshpitPlan, plan_rounds
 from p2pcold.swarm.state_check import StateCheck, trusted_bodies
 from p2pcold.utils import state_dict_hash
-
-# How far lossy wire compression may move a fused tensor, as a share of the norm of what its members sent
-# (body − θ0): fp16 rounds each value to 11 bits on its way to the reducer and back; 8-bit quantization
-# loses 1.6-6.8 % relative RMS per leg (swarm.averaging.make_compression), twice that for a margin.
-WIRE_ERROR = {"none": 0.0, "fp16": 2.0**-9, "8bit": 0.25}
 
 
 class DecentralizedPeer(SwarmPeer):
@@ -226,9 +222,11 @@ class DecentralizedPeer(SwarmPeer):
         (fusion.overshoot), compared before the merge's scale and the outer step, which this peer applies
         to an accepted body exactly as to its own."""
         limit = self.config.aggregation.max_update_ratio
-        own = self.state.contribution(contribution.body, self.name)
-        share, theta0 = WIRE_ERROR[self.config.swarm.compression], self.state.theta0
-        allowance = {name: share * (own[name].double() - theta0[name].double()).norm().item() for name in own}
+        own, compression = self.state.contribution(contribution.body, self.name), self.config.swarm.compression
+        reference = fuse_reference(compression, self.state.base)  # the wire carried own − reference
+        sent_from = self.state.theta0 if reference is None else reference
+        share = WIRE_ERROR_SHARE[compression]
+        allowance = {name: share * (own[name].double() - sent_from[name].double()).norm().item() for name in own}
         excess = overshoot(fused.averaged, own, self.state.base, limit, allowance)
         if excess is None:
             return None

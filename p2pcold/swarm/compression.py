@@ -61,6 +61,13 @@ def is_lossy(name: str) -> bool:
     return name != "none"
 
 
+# How far a codec may move a fused tensor, as a share of the norm of what its members sent (their update from
+# the call's reference), with a margin: two legs (to the reducer and back). fp16 rounds each value to 11 bits;
+# `8bit` lost 1.6-6.8 % relative RMS a leg; block8's and block4's largest errors were 2.5-2.9 % and 45-53 % of
+# the mean update on real MiniLM updates (docs/performance.md), their RMS errors far less.
+WIRE_ERROR_SHARE = {"none": 0.0, "fp16": 2.0**-9, "8bit": 0.25, "block8": 0.1, "block4": 1.0}
+
+
 def fuse_reference(name: str, base: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor] | None:
     """What a peer passes to `BodyAverager.fuse` as `reference`: with a lossy compression the base of
     the iteration being fused (θ_i), so that only this iteration's update is quantized, not everything

@@ -135,3 +135,17 @@ def test_the_settings_and_the_reference_choice():
     base = {"w": torch.zeros(2)}
     assert fuse_reference("none", base) is None  # exact fusion: the averager's θ0, as before
     assert all(fuse_reference(name, base) is base for name in ("fp16", "8bit", "block8", "block4"))
+
+
+def test_every_compression_a_run_can_choose_has_a_codec_and_a_wire_error_share():
+    """The fused-update check (fusion.overshoot) allows each compression its wire error: a compression
+    without a share would end a peer's boundary with a KeyError instead of a fusion."""
+    from typing import get_args
+
+    from p2pcold.config import SwarmConfig
+    from p2pcold.swarm.compression import COMPRESSIONS, WIRE_ERROR_SHARE
+
+    choosable = set(get_args(SwarmConfig.model_fields["compression"].annotation))
+    assert choosable == set(COMPRESSIONS) == set(WIRE_ERROR_SHARE)
+    for name in choosable:
+        make_compression(name)
