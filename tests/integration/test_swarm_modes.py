@@ -40,7 +40,6 @@ def assert_decentralized_equal_the_reference_run(processes, tmp_path, tiny_model
         assert processes.wait(proc, name, timeout=240) == 0, processes.log(name)[-3000:]
         assert fused_line in processes.log(name)
 
-    assert "(my_reviews) starts at iteration 0" in swarm.log("peer0")
     bodies = [final_body(tmp_path / name) for name in procs]
     for body in bodies[1:]:
         # hivemind returns each peer the average as a delta to add to its own part: equal up to rounding
