@@ -222,7 +222,8 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
         ["evaluate", "--base", str(model), "--datasets", str(data_recipe), "--output", str(path / "out")], "a binary file, not csv text", forbidden="latin-1"
     )
 
-    # ---- a volunteer's own data file, `peer --dataset FILE`: checked before the peer joins the swarm
+    # ---- a volunteer's own data file, `peer --dataset FILE`: checked before the peer joins the swarm (with a
+    # --config: without one, the peer first reads the run's config from the swarm, which is nowhere here)
     nowhere = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMgK13rEBAV5rgffdWDfpHmp4zTkYQgW5uXZ1gkc9Svm5"
     rows = "".join(f"a fine film {i},pos\n" for i in range(30))
     own_data = {  # case -> (file name, content, column options, text of the error)
@@ -239,7 +240,7 @@ def build_cases(root: Path, model: Path, recipe: Path) -> dict[str, Case]:
         if content is not None:
             (path / file).write_bytes(content)
         dataset = str(path / file) if file else str(recipe)
-        args = ["peer", "--dataset", dataset, *columns, "--initial-peers", nowhere, "--run-dir", str(path / "run")]
+        args = ["peer", "--config", str(run_config(path)), "--dataset", dataset, *columns, "--initial-peers", nowhere]
         cases[name] = Case(args, expected, mutable=("run",))
 
     path = folder("identity key damaged")

@@ -20,7 +20,7 @@ class ScriptedAverager:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, expected_size):
+    def fuse(self, body, iteration, weight, deadline_s, metadata, share_result, expected_size, reference):
         self.calls += 1
         self.expected_size = expected_size
         return self.outcomes.pop(0) if self.outcomes else failed()
