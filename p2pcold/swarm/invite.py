@@ -17,7 +17,6 @@ import binascii
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from p2pcold.swarm.auth import MIN_SECRET_BYTES, RunSecret, read_private_file
 from p2pcold.swarm.records import maddr_peer_ids
